@@ -1,0 +1,1 @@
+"""Speckle-physics simulation of tracked freehand ultrasound scans with exact ground truth."""
