@@ -26,7 +26,7 @@ DEFAULT_IMAGE_TO_TOOL = np.array(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Calibration:
     """Probe calibration of one data folder.
 
@@ -48,6 +48,15 @@ class Calibration:
                 raise DataError(f"expected a finite {name} of shape (4, 4), got shape {value.shape}")
             value.setflags(write=False)
             object.__setattr__(self, name, value)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, Calibration)
+            and np.array_equal(self.pixel_to_mm, other.pixel_to_mm)
+            and np.array_equal(self.image_to_tool, other.image_to_tool)
+        )
+
+    __hash__ = None
 
     @classmethod
     def default(cls):

@@ -119,7 +119,8 @@ def transforms_from_tforms(tforms, image_to_tool, *, source=None):
         raise DataError(f"expected at least 2 frames of tforms, got {f.shape[0]}", source)
     c = check_rigid(image_to_tool, name="image_to_tool")
     image_to_camera = f @ c  # frame-k image-mm → camera
-    camera_to_image = invert_rigid(image_to_camera)
+    # A generic inverse, as the official code does: float32 tracker matrices are not exactly orthonormal.
+    camera_to_image = np.linalg.inv(image_to_camera)
     frame_to_first = camera_to_image[0] @ image_to_camera[1:]
     frame_to_previous = camera_to_image[:-1] @ image_to_camera[1:]
     return frame_to_first, frame_to_previous
