@@ -103,4 +103,118 @@ def run_evaluate(args):
     return 0
 
 
-REGISTRY = [register_info, register_evaluate]
+# ------------------------------------------------------------------------------------- simulate
+def register_simulate(sub, common):
+    from speckle_rec.simulate.motion import PROTOCOLS
+
+    p = sub.add_parser("simulate", parents=[common], help="simulate tracked scans in the challenge layout",
+                       description="Simulate freehand scans from speckle physics with exact ground truth and "
+                                   "write them as a challenge data folder (calib_matrix.csv, landmarks, tforms).")
+    p.add_argument("out", metavar="OUT_DIR", help="folder to write (created)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="rotation",
+                   help="rotation = TUS-REC2025 (LH/RH_rotation); linear, c-shape, s-shape = TUS-REC2024 "
+                        "sweeps ({LH,RH}_{Per,Par}_{L,C,S}_{DtP,PtD}); default rotation")
+    p.add_argument("--subjects", nargs="+", default=["000"], metavar="SID", help="subject folder names")
+    p.add_argument("--frames", type=int, default=1500, metavar="N", help="frames per scan (default 1500)")
+    p.add_argument("--layout", choices=("train", "test"), default="train",
+                   help="train: frames_transfs/; test: frames/, transfs/, dataset_keys.h5")
+    p.add_argument("--height", type=int, default=480, help="image rows (default 480)")
+    p.add_argument("--width", type=int, default=640, help="image columns (default 640)")
+    p.add_argument("--hands", nargs="+", choices=("LH", "RH"), default=["LH", "RH"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_simulate)
+
+
+def run_simulate(args):
+    from speckle_rec.errors import DataError
+    from speckle_rec.simulate.dataset import protocol_scans, simulate_dataset
+    from speckle_rec.simulate.probe import Probe
+
+    if args.frames < 2 or args.height < 16 or args.width < 16:
+        raise DataError(f"need --frames >= 2 and an image of at least 16x16, got {args.frames} frames of "
+                        f"{args.height}x{args.width}")
+    if any(not s or "/" in s or s.startswith(".") for s in args.subjects):
+        raise DataError(f"invalid subject names {args.subjects}")
+    total = len(args.subjects) * len(protocol_scans(args.protocol, hands=args.hands)) * args.frames
+    probe = Probe.fit_image(args.height, args.width)
+    with progress_bar(total=total, desc="simulate", unit="frame", enabled=not args.quiet) as bar:
+        scans = simulate_dataset(args.out, protocol=args.protocol, subjects=args.subjects, n_frames=args.frames,
+                                 layout=args.layout, probe=probe, seed=args.seed, hands=args.hands,
+                                 on_chunk=bar.update)
+    print(f"wrote {len(scans)} scan(s) of {args.frames} frames ({args.height}x{args.width}) to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- reconstruct
+def register_reconstruct(sub, common):
+    p = sub.add_parser("reconstruct", parents=[common], help="estimate every scan's trajectory from its frames",
+                       description="Reconstruct every scan of a data folder (train or test layout) from the images "
+                                   "alone into a prediction folder PRED/<subject>/<scan>.h5 (global and local "
+                                   "transforms; with --ddf also GP, GL, LP, LL). Finished scans are skipped on a "
+                                   "rerun; a failing scan is reported and the others go on; exit 1 if any failed.")
+    p.add_argument("data", metavar="DATA_DIR")
+    p.add_argument("-o", "--out", required=True, metavar="PRED_DIR", help="prediction folder to write")
+    p.add_argument("--calibration", metavar="CALIB.json",
+                   help="decorrelation calibration from 'speckle-rec calibrate' (default: the packaged one)")
+    p.add_argument("--ddf", action="store_true", help="also write the four challenge DDFs (large: ~12 GB a scan)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
+    p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
+    p.add_argument("--overwrite", action="store_true", help="recompute scans that are already finished")
+    p.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-' for stdout)")
+    p.set_defaults(run=run_reconstruct)
+
+
+def run_reconstruct(args):
+    from speckle_rec.decorrelation import DecorrelationModel
+    from speckle_rec.reconstruct import reconstruct_dataset
+
+    dataset = open_dataset(args.data)
+    if args.scans:
+        dataset = dataset.select(args.scans)
+    model = DecorrelationModel.from_json(args.calibration) if args.calibration else None
+    summary = reconstruct_dataset(dataset, args.out, model=model, ddf=args.ddf, jobs=args.jobs,
+                                  threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    if args.json:
+        write_json(args.json, {"out": str(args.out), "done": summary.done, "skipped": summary.skipped,
+                               "failed": summary.failed})
+    return _report(summary, "reconstructed", args.out)
+
+
+# -------------------------------------------------------------------------------------- predict
+def register_predict(sub, common):
+    p = sub.add_parser("predict", parents=[common], help="run any challenge predict_ddfs over a data folder",
+                       description="Run a challenge-style predict_ddfs(frames, landmark, data_path_calib[, device]) "
+                                   "(a learned model's submission, or speckle_rec:predict_ddfs) on every scan, "
+                                   "timing each call like the challenge does, and save GP, GL, LP, LL with the "
+                                   "wall time in the prediction format for 'speckle-rec evaluate'.")
+    p.add_argument("data", metavar="DATA_DIR")
+    p.add_argument("--function", required=True, metavar="MODULE:CALLABLE",
+                   help="e.g. submission/predict_ddfs.py:predict_ddfs or speckle_rec:predict_ddfs")
+    p.add_argument("-o", "--out", required=True, metavar="PRED_DIR")
+    p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
+    p.add_argument("--overwrite", action="store_true", help="redo scans that are already finished")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args):
+    from speckle_rec.external import predict_dataset
+
+    dataset = open_dataset(args.data)
+    if args.scans:
+        dataset = dataset.select(args.scans)
+    summary = predict_dataset(dataset, args.function, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    return _report(summary, "predicted", args.out)
+
+
+def _report(summary, verb, out):
+    times = list(summary.done.values())
+    mean_time = f", {sum(times) / len(times):.1f} s per scan" if times else ""
+    print(f"{verb} {len(summary.done)} scan(s){mean_time}, skipped {len(summary.skipped)} finished, "
+          f"{len(summary.failed)} failed -> {out}", file=sys.stderr)
+    for key, error in summary.failed.items():
+        print(f"failed: {key}: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+REGISTRY = [register_simulate, register_info, register_reconstruct, register_predict, register_evaluate]
