@@ -6,6 +6,7 @@ from speckle_rec.io import open_dataset
 from speckle_rec.metrics import METRICS
 from speckle_rec.progress import progress_bar
 
+from .commands_viz import register_plot, register_volume
 from .output import format_table, write_csv, write_json
 
 
@@ -217,4 +218,5 @@ def _report(summary, verb, out):
     return 1 if summary.failed else 0
 
 
-REGISTRY = [register_simulate, register_info, register_reconstruct, register_predict, register_evaluate]
+REGISTRY = [register_simulate, register_info, register_reconstruct, register_predict, register_evaluate,
+            register_plot, register_volume]
