@@ -6,6 +6,7 @@ from speckle_rec.io import open_dataset
 from speckle_rec.metrics import METRICS
 from speckle_rec.progress import progress_bar
 
+from .commands_calibrate import register_calibrate
 from .commands_viz import register_plot, register_volume
 from .output import format_table, write_csv, write_json
 
@@ -74,6 +75,22 @@ def register_evaluate(sub, common):
     p.set_defaults(run=run_evaluate)
 
 
+def print_results(results):
+    """The evaluate table on stdout; missing predictions as warnings on stderr."""
+    columns = list(METRICS) + ["score", "global", "local", "pixel", "landmark", "score_2024"]
+    rows = []
+    for name, entry in results["methods"].items():
+        mean, std = entry["mean"], entry["std"]
+        time = _fmt(mean.get("wall_time_s"), std.get("wall_time_s"), 2)
+        rows.append([name] + [_fmt(mean.get(c), std.get(c)) for c in columns] + [time, len(entry["scans"])])
+        if entry["missing"]:
+            print(f"warning: {name} has no prediction for {len(entry['missing'])} of {len(results['scans'])} "
+                  f"scan(s), e.g. {entry['missing'][0]}; its means use the others", file=sys.stderr)
+    headers = ["method"] + [f"{c} mm" for c in METRICS] + [c.replace("_", " ") for c in columns[4:]] + \
+        ["time s", "scans"]
+    print(format_table(headers, rows))
+
+
 def run_evaluate(args):
     from speckle_rec.evaluate import SCORE_KEYS, evaluate
 
@@ -81,19 +98,7 @@ def run_evaluate(args):
     if args.scans:
         dataset = dataset.select(args.scans)
     results = evaluate(dataset, args.predictions, progress=not args.quiet)
-    columns = list(METRICS) + ["score", "global", "local", "pixel", "landmark", "score_2024"]
-    rows = []
-    for name, entry in results["methods"].items():
-        mean, std = entry["mean"], entry["std"]
-        n_scans = len(entry["scans"])
-        time = _fmt(mean.get("wall_time_s"), std.get("wall_time_s"), 2)
-        rows.append([name] + [_fmt(mean.get(c), std.get(c)) for c in columns] + [time, n_scans])
-        if entry["missing"]:
-            print(f"warning: {name} has no prediction for {len(entry['missing'])} of {len(results['scans'])} "
-                  f"scan(s), e.g. {entry['missing'][0]}; its means use the others", file=sys.stderr)
-    headers = ["method"] + [f"{c} mm" for c in METRICS] + [c.replace("_", " ") for c in columns[4:]] + \
-        ["time s", "scans"]
-    print(format_table(headers, rows))
+    print_results(results)
     if args.json:
         write_json(args.json, results)
     if args.csv:
@@ -218,5 +223,35 @@ def _report(summary, verb, out):
     return 1 if summary.failed else 0
 
 
-REGISTRY = [register_simulate, register_info, register_reconstruct, register_predict, register_evaluate,
-            register_plot, register_volume]
+# ----------------------------------------------------------------------------------------- demo
+def register_demo(sub, common):
+    p = sub.add_parser("demo", parents=[common], help="the whole job on simulated data (no download)",
+                       description="Simulate a tracked calibration scan and a test scan (TUS-REC2025 rotation "
+                                   "protocol), calibrate, reconstruct the test scan from its images alone, score "
+                                   "it against the identity and constant-velocity predictions, and write a "
+                                   "trajectory plot and a 3D volume.")
+    p.add_argument("--out", default="speckle_rec_demo", metavar="DIR", help="where to write (default ./speckle_rec_demo)")
+    p.add_argument("--frames", type=int, default=800, metavar="N", help="frames of the test scan (default 800)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args):
+    from speckle_rec.demo import run_demo as demo
+
+    log = (lambda line: print(line, file=sys.stderr)) if not args.quiet else None
+    results = demo(args.out, test_frames=args.frames, seed=args.seed, progress=not args.quiet, log=log)
+    print_results(results)
+    out = results["demo"]["out"]
+    print(f"\nwrote {out}/: test_data/, predictions/, decorrelation.json, plots/, volume.mha "
+          f"({results['demo']['seconds']:.0f} s). Next:\n"
+          f"  speckle-rec evaluate {out}/predictions/* --data {out}/test_data\n"
+          f"  speckle-rec volume {out}/test_data --truth --scan {results['scans'][0]} -o truth.mha")
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+REGISTRY = [register_demo, register_simulate, register_info, register_calibrate, register_reconstruct,
+            register_predict, register_evaluate, register_plot, register_volume]
