@@ -1,0 +1,294 @@
+"""Out-of-plane direction (sign) resolution.
+
+Speckle decorrelation measures only ``|z|``, the distance of one frame's plane from another's at
+each patch: the |plane| fit of a frame pair returns the out-of-plane part of the motion (elevation
+``tz + a·x + b·y``) up to a sign of its own. This module decides those signs.
+
+The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
+-----------------------------------------------------------------------
+1. **Key steps.** The scan is cut into key steps ``k_m → k_{m+1}``, each as long as possible (from
+   the stride set) while the pair's deep patches still correlate at ρ ≥ a target (mid-band), so
+   that every key step moves a measurable, similar distance whatever the speed; a pause becomes
+   one long step. Each key step gets a |plane| fit (ρ space) and its canonical elevation vector
+   ``v_m`` (elevations at a few anchor points, divided by the step length: a velocity up to sign).
+2. **Velocity smoothness (dynamic programming).** Signs ``s_m`` are chosen by exact Viterbi over
+   the states ``(s_{m-1}, s_m)`` to make the signed velocity ``s_m·v_m`` smooth: the cost is the
+   squared second divided difference, scaled by its noise. A reversal makes the measured |v| dip
+   to ~0 in a V (the signed velocity passes smoothly through zero: flipping costs nothing there,
+   keeping the sign costs a kink); a pause-and-continue makes a smooth, non-zero minimum that a
+   flip would turn into a jump.
+3. **Triplet consistency.** For non-adjacent key frames ``i < j < k`` the decorrelation of the
+   pair ``(i, k)`` is measured too. Same direction predicts ``z_ik ≈ z_ij + z_jk`` (far apart:
+   decorrelated), opposite directions ``|z_ij − z_jk|`` (close again: correlated). Each
+   hypothesis' predicted per-patch elevations are scored against the measured ρ with the
+   decorrelation model and a robust loss (:func:`triplet_costs`); spans of two and three key
+   steps enter the same Viterbi exactly (they involve at most three consecutive signs). This is
+   what separates a stop-and-reverse from a stop-and-continue, which velocity alone can hardly
+   tell apart when the hand eases in and out of every stop.
+4. **Pivot near the skin.** In fixed-contact fanning (the 2025 rotation protocol) the row at the
+   skin contact hardly moves out of plane: every plane fit then gets a prior ``z(contact) ≈ 0``.
+   It does not decide a sign (−plane passes through the contact too), but it ties ``tz`` to the
+   tilt and removes the tilt-translation mix-up, so velocities and triplet predictions are
+   cleaner. Whether the scan is fixed-contact is decided from the data (unconstrained fits put
+   the contact's elevation near zero).
+5. **Bundle adjustment** then refines every frame with all pairs; it starts from the chained
+   signed key steps and keeps their signs.
+
+The global mirror
+-----------------
+The whole trajectory mirrored through the first image plane (``z → −z`` for every frame,
+``G → M·G·M`` with ``M = diag(1, 1, −1, 1)``) explains the images exactly as well: in-plane motion
+and every |distance| are unchanged. Speckle cannot decide it. We fix it by a convention,
+``first_direction`` (:func:`first_direction`): the sign of the mean elevation, over the image, of
+the first frame that moves away from frame 0's plane by more than a threshold. The default +1 is
+a convention, right on half of the scans whose first move is random; a prior learnt from tracked
+scans (:func:`first_direction` of their ground truth) can replace it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SignResolution:
+    """Signs chosen by :func:`resolve_signs`.
+
+    Attributes
+    ----------
+    signs : (n,) int ndarray
+        +1 or −1 per step; ``signs[0] = +1`` (the global sign is a separate convention).
+    flip_margin : (n - 1,) ndarray
+        Extra cost of the best solution in which steps m and m + 1 have the other relative sign
+        (≥ 0; small means an uncertain decision at that junction).
+    cost : float
+        Total cost of the chosen signs.
+    """
+
+    signs: np.ndarray
+    flip_margin: np.ndarray
+    cost: float
+
+
+def _check_velocity(velocity):
+    v = np.asarray(velocity, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[:, None]
+    if v.ndim != 2 or v.shape[0] < 1:
+        raise DataError(f"expected velocity of shape (n, k), got {np.shape(velocity)}")
+    if not np.all(np.isfinite(v)):
+        raise DataError("velocity contains NaN or inf")
+    return v
+
+
+def _per_step(values, n, name, default):
+    if values is None:
+        return np.full(n, float(default))
+    out = np.asarray(values, dtype=np.float64)
+    if out.ndim == 0:
+        out = np.full(n, float(out))
+    if out.shape != (n,):
+        raise DataError(f"expected {name} of shape ({n},), got {out.shape}")
+    if not np.all(np.isfinite(out)) or np.any(out < 0):
+        raise DataError(f"expected finite non-negative {name}")
+    return out
+
+
+def resolve_signs(velocity, *, noise=None, times=None, acceleration=0.0, pair_costs=None, triple_costs=None):
+    """Signs of velocity vectors known up to sign, by exact dynamic programming.
+
+    Minimises over ``s ∈ {±1}^n`` (with ``s_0 = +1``)::
+
+        Σ_m ‖Δ²(s·v)_m‖² / var_m  +  Σ_m pair_costs[m, s_m·s_{m+1} < 0]
+                                  +  Σ_m triple_costs[m, pattern(s_{m-1}, s_m, s_{m+1})]
+
+    where ``Δ²`` is the second divided difference of the signed velocities at ``times`` and
+    ``var_m`` its variance from ``noise`` plus ``acceleration²`` (the expected true acceleration).
+
+    Parameters
+    ----------
+    velocity : (n,) or (n, k) array_like
+        Canonical velocity vectors (any units), each known up to sign.
+    noise : (n,) array_like, optional
+        Standard deviation of each vector's entries (default 1).
+    times : (n,) array_like, optional
+        Increasing times of the vectors (default 0, 1, …, n − 1), e.g. key-step centres in frames.
+    acceleration : float
+        Expected size of a true second divided difference (units of velocity per time²); makes
+        the cost tolerant of real acceleration where the noise is small.
+    pair_costs : (n - 1, 2) array_like, optional
+        Extra cost of steps m, m + 1 having the same (column 0) or opposite (column 1) signs.
+    triple_costs : (n - 2, 4) array_like, optional
+        Extra cost for steps m, m + 1, m + 2 by sign pattern relative to step m:
+        column ``2·[s_{m+1} ≠ s_m] + [s_{m+2} ≠ s_m]``.
+
+    Returns
+    -------
+    SignResolution
+
+    Raises
+    ------
+    DataError
+        On bad shapes or non-finite values.
+    """
+    v = _check_velocity(velocity)
+    n = v.shape[0]
+    sd = _per_step(noise, n, "noise", 1.0)
+    t = np.arange(n, dtype=np.float64) if times is None else np.asarray(times, dtype=np.float64)
+    if t.shape != (n,) or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
+        raise DataError(f"expected {n} increasing finite times")
+    pc = np.zeros((max(n - 1, 0), 2)) if pair_costs is None else np.asarray(pair_costs, dtype=np.float64)
+    tc = np.zeros((max(n - 2, 0), 4)) if triple_costs is None else np.asarray(triple_costs, dtype=np.float64)
+    if pc.shape != (max(n - 1, 0), 2) or not np.all(np.isfinite(pc)):
+        raise DataError(f"expected finite pair_costs of shape ({max(n - 1, 0)}, 2), got {pc.shape}")
+    if tc.shape != (max(n - 2, 0), 4) or not np.all(np.isfinite(tc)):
+        raise DataError(f"expected finite triple_costs of shape ({max(n - 2, 0)}, 4), got {tc.shape}")
+    if n == 1:
+        return SignResolution(np.ones(1, np.int64), np.zeros(0), 0.0)
+
+    signs = np.array([1.0, -1.0])
+    # triple cost T[m, a, b, c] for signs (a, b, c) of steps m, m+1, m+2 (index 0: +, 1: −)
+    triple = np.zeros((n - 2, 2, 2, 2))
+    if n > 2:
+        h0, h1 = t[1:-1] - t[:-2], t[2:] - t[1:-1]
+        # second divided difference: 2·[v0/(h0(h0+h1)) − v1/(h0 h1) + v2/(h1(h0+h1))]
+        w0, w1, w2 = 2 / (h0 * (h0 + h1)), -2 / (h0 * h1), 2 / (h1 * (h0 + h1))
+        var = (w0 * sd[:-2]) ** 2 + (w1 * sd[1:-1]) ** 2 + (w2 * sd[2:]) ** 2 + float(acceleration) ** 2
+        var = np.maximum(var, 1e-300)
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    d2 = (w0[:, None] * signs[a] * v[:-2] + w1[:, None] * signs[b] * v[1:-1]
+                          + w2[:, None] * signs[c] * v[2:])
+                    pattern = 2 * (a != b) + (a != c)
+                    triple[:, a, b, c] = np.sum(d2**2, axis=1) / var + tc[:, pattern]
+    pair = np.zeros((n - 1, 2, 2))
+    for a in range(2):
+        for b in range(2):
+            pair[:, a, b] = pc[:, int(a != b)]
+
+    # Forward pass over pair states x_m = (s_m, s_{m+1}), m = 0..n-2, with s_0 = + fixed.
+    inf = np.inf
+    forward = np.full((n - 1, 2, 2), inf)
+    forward[0, 0, :] = pair[0, 0, :]
+    back = np.zeros((n - 1, 2, 2), np.int64)
+    for m in range(1, n - 1):
+        for b in range(2):
+            for c in range(2):
+                options = forward[m - 1, :, b] + triple[m - 1, :, b, c]
+                back[m, b, c] = int(np.argmin(options))
+                forward[m, b, c] = options[back[m, b, c]] + pair[m, b, c]
+    # Backward pass: cost of everything after state x_m.
+    backward = np.zeros((n - 1, 2, 2))
+    for m in range(n - 3, -1, -1):
+        for a in range(2):
+            for b in range(2):
+                backward[m, a, b] = np.min(triple[m, a, b, :] + pair[m + 1, b, :] + backward[m + 1, b, :])
+    last = forward[-1]
+    b, c = np.unravel_index(int(np.argmin(last)), (2, 2))
+    cost = float(last[b, c])
+    state = np.empty(n, np.int64)
+    state[n - 2], state[n - 1] = b, c
+    for m in range(n - 2, 0, -1):
+        state[m - 1] = back[m, state[m], state[m + 1]]
+    marginal = forward + backward  # min cost with x_m fixed
+    chosen_relation = state[:-1] != state[1:]
+    margin = np.empty(n - 1)
+    for m in range(n - 1):
+        other = [marginal[m, a, b] for a in range(2) for b in range(2) if (a != b) != chosen_relation[m]]
+        margin[m] = max(float(np.min(other)) - cost, 0.0)
+    return SignResolution(np.where(state == 0, 1, -1).astype(np.int64), margin, cost)
+
+
+def triplet_costs(predicted_mm, rho, *, depth_mm, model, rotation_rad=0.0, tilt_rad=0.0, f_scale=2.0,
+                  rho_sigma_floor=0.02):
+    """Robust cost of predicted signed elevations against measured patch correlations.
+
+    Each patch contributes ``ρ(u) = 2·f²·(√(1 + (r/f)²) − 1)`` (soft-L1) of the residual
+    ``r = (ρ_measured − model.rho(|z|)) / (model.rho_sigma + floor)``: the score of one hypothesis
+    (e.g. "same direction" vs "opposite") for the elevations of a frame pair.
+
+    Parameters
+    ----------
+    predicted_mm : (h, P) array_like
+        Predicted elevations at the P patches under h hypotheses, mm.
+    rho : (P,) array_like
+        Measured correlations (NaN: patch ignored).
+    depth_mm : (P,) array_like
+        Patch depths (image-mm y).
+    model : DecorrelationModel
+    rotation_rad : float
+        In-plane rotation of the pair.
+    tilt_rad : float or (h, P) array_like
+        Out-of-plane rotation seen by each patch under each hypothesis (the model's tilt factor).
+    f_scale : float
+        Soft-L1 scale in σ units.
+    rho_sigma_floor : float
+        Added to the model's ρ spread (keeps patches at ρ ≈ 1 from dominating).
+
+    Returns
+    -------
+    (h,) ndarray
+        Cost of each hypothesis (lower is better).
+    """
+    z = np.atleast_2d(np.asarray(predicted_mm, dtype=np.float64))
+    r = np.asarray(rho, dtype=np.float64)
+    y = np.asarray(depth_mm, dtype=np.float64)
+    if z.shape[1:] != r.shape or r.shape != y.shape:
+        raise DataError(
+            f"expected predicted_mm (h, P), rho (P,), depth_mm (P,), got {z.shape}, {r.shape}, {y.shape}")
+    keep = np.isfinite(r)
+    if not keep.any():
+        return np.zeros(z.shape[0])
+    tilt = np.broadcast_to(np.asarray(tilt_rad, dtype=np.float64), z.shape)[:, keep]
+    expected = model.rho(z[:, keep], y[keep], rotation_rad, tilt)
+    spread = model.rho_sigma(expected, y[keep]) + rho_sigma_floor
+    u = (r[keep] - expected) / spread
+    return np.sum(2.0 * f_scale**2 * (np.sqrt(1.0 + (u / f_scale) ** 2) - 1.0), axis=1)
+
+
+def first_direction(frame_to_first, points_mm, *, threshold_mm=1.0):
+    """Sign of the first clear out-of-plane move of a trajectory (the mirror convention).
+
+    The mean elevation, over ``points_mm``, of frame i's points in frame 0's coordinates is
+    ``mean((G_i · q)_z)``; the first frame whose mean |elevation| exceeds ``threshold_mm`` decides.
+
+    Parameters
+    ----------
+    frame_to_first : (N-1, 4, 4) array_like
+        Frame i → frame 0 transforms (estimated or ground truth).
+    points_mm : (P, 2) array_like
+        Image-mm (x, y) points spread over the imaged region.
+    threshold_mm : float
+        Mean |elevation| that counts as a move.
+
+    Returns
+    -------
+    int
+        +1 or −1; 0 if no frame moves that far.
+    """
+    g = np.asarray(frame_to_first, dtype=np.float64)
+    p = np.asarray(points_mm, dtype=np.float64)
+    if g.ndim != 3 or g.shape[1:] != (4, 4):
+        raise DataError(f"expected frame_to_first of shape (N-1, 4, 4), got {g.shape}")
+    if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] < 1:
+        raise DataError(f"expected points_mm of shape (P, 2), got {p.shape}")
+    z = g[:, 2, 0, None] * p[None, :, 0] + g[:, 2, 1, None] * p[None, :, 1] + g[:, 2, 3, None]
+    mean = z.mean(axis=1)
+    moved = np.nonzero(np.abs(z).mean(axis=1) > threshold_mm)[0]
+    if moved.size == 0:
+        return 0
+    return 1 if mean[moved[0]] >= 0 else -1
+
+
+def mirror(frame_to_first):
+    """The mirrored trajectory ``M · G · M`` (through frame 0's plane), shape (..., 4, 4)."""
+    g = np.asarray(frame_to_first, dtype=np.float64)
+    return MIRROR @ g @ MIRROR
+
+
+__all__ = ["SignResolution", "first_direction", "mirror", "resolve_signs", "triplet_costs"]

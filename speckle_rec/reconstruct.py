@@ -1,0 +1,141 @@
+"""Whole-scan reconstruction: frames → transforms → prediction files or challenge DDFs.
+
+- :func:`reconstruct_scan` estimates ``frame_to_first`` and ``frame_to_previous`` of one scan;
+- :func:`predict_ddfs` is the drop-in body of the challenge's submission function (CPU, no torch);
+- :func:`reconstruct_dataset` runs every scan of a data folder into a prediction folder: atomic
+  writes, finished scans skipped on a rerun, a failing scan reported without stopping the others,
+  optional worker processes, each scan's wall time stored in its file.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibration import read_calibration
+from .ddf import PixelGrid, ddfs_from_transforms
+from .decorrelation import DecorrelationModel
+from .batch import ALL_KEYS, TRANSFORM_KEYS, run_scans
+from .errors import DataError
+from .io import check_landmarks, checked_frames
+from .prediction import write_prediction
+
+
+def reconstruct_scan(frames, *, spacing_mm, model=None, threads=None):
+    """Estimate the trajectory of one scan from its frames alone.
+
+    Parameters
+    ----------
+    frames : array_like of uint8, shape (N, H, W)
+    spacing_mm : (float, float)
+        (sx, sy) mm per pixel along columns and rows.
+    model : DecorrelationModel, optional
+        Decorrelation curves (default: the packaged model of the simulator's default probe).
+    threads : int, optional
+        Numba / OpenCV threads.
+
+    Returns
+    -------
+    frame_to_first, frame_to_previous : ndarray, shape (N-1, 4, 4), float64
+        Image-mm transforms frame i → 0 and frame i → i−1 (row i−1), consistent by construction.
+    """
+    from .trajectory import estimate_trajectory
+
+    frames = checked_frames(np.asarray(frames), "frames")
+    model = DecorrelationModel.default() if model is None else model
+    result = estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads)
+    return result.frame_to_first, result.frame_to_previous
+
+
+def predict_ddfs(frames, landmark, data_path_calib, device=None):
+    """The challenge's submission function: (GP, GL, LP, LL) for one scan, on the CPU.
+
+    Parameters
+    ----------
+    frames : ndarray of uint8, shape (N, H, W)
+        The whole scan (480 x 640 in the challenge; any size works).
+    landmark : ndarray of int, shape (K, 3)
+        (frame index ≥ 1, x, y) with 1-based x (column) and y (row).
+    data_path_calib : str or Path
+        The folder's ``calib_matrix.csv``.
+    device : object, optional
+        Ignored (accepted for the 2025 signature; speckle_rec runs on the CPU).
+
+    Returns
+    -------
+    GP : ndarray, float32, shape (N-1, 3, H·W)
+    GL : ndarray, float32, shape (3, K)
+    LP : ndarray, float32, shape (N-1, 3, H·W)
+    LL : ndarray, float32, shape (3, K)
+    """
+    del device
+    frames = checked_frames(np.asarray(frames), "frames")
+    landmark = check_landmarks(landmark, frames.shape, source="landmark")
+    calibration = read_calibration(data_path_calib)
+    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calibration.spacing_mm)
+    grid = PixelGrid.from_calibration(calibration, frames.shape[1], frames.shape[2])
+    return ddfs_from_transforms(frame_to_first, frame_to_previous, landmark, grid)
+
+
+@dataclass(frozen=True)
+class ReconstructTask:
+    """Reconstruct one scan into a prediction file (picklable, for worker processes)."""
+
+    calibration: object
+    model: DecorrelationModel
+    ddf: bool
+    threads: int | None = None
+
+    def __call__(self, scan, out_path):
+        start = time.perf_counter()
+        frames = scan.read_frames()
+        frame_to_first, frame_to_previous = reconstruct_scan(
+            frames, spacing_mm=self.calibration.spacing_mm, model=self.model, threads=self.threads
+        )
+        wall = time.perf_counter() - start
+        extra = {}
+        if self.ddf:
+            extra = dict(
+                ddf_grid=PixelGrid.from_calibration(self.calibration, frames.shape[1], frames.shape[2]),
+                landmarks=scan.read_landmarks(),
+            )
+        write_prediction(out_path, global_transforms=frame_to_first, local_transforms=frame_to_previous,
+                         wall_time_s=wall, **extra)
+        return wall
+
+
+def reconstruct_dataset(dataset, out_dir, *, model=None, ddf=False, jobs=1, threads=None, overwrite=False,
+                        progress=True):
+    """Reconstruct every scan of ``dataset`` into the prediction folder ``out_dir``.
+
+    Parameters
+    ----------
+    dataset : speckle_rec.io.Dataset
+        Train or test layout; ``tforms`` are not read.
+    out_dir : str or Path
+        Written as ``out_dir/<subject>/<scan>.h5`` (see :mod:`speckle_rec.prediction`), each file with
+        its scan's wall time (attribute ``wall_time_s``, DDF writing excluded).
+    model : DecorrelationModel, optional
+    ddf : bool
+        Also write GP, GL, LP, LL (in chunks; needs the folder's landmarks).
+    jobs : int
+        Scans reconstructed at once, each in its own process.
+    threads : int, optional
+        Threads per job (default: the cores divided among the jobs).
+    overwrite : bool
+        Recompute scans whose prediction file is already complete (default: skip them).
+    progress : bool
+
+    Returns
+    -------
+    speckle_rec.batch.BatchSummary
+    """
+    calibration = dataset.calibration()
+    model = DecorrelationModel.default() if model is None else model
+    if ddf:
+        missing = [s.key for s in dataset.scans if s.landmarks_path is None]
+        if missing:
+            raise DataError(f"--ddf needs landmarks; none for {missing[0]}", dataset.root)
+    task = ReconstructTask(calibration, model, ddf)
+    return run_scans(dataset, out_dir, task, finished_keys=ALL_KEYS if ddf else TRANSFORM_KEYS, jobs=jobs,
+                     threads=threads, overwrite=overwrite, progress=progress, desc="reconstruct")
