@@ -30,7 +30,7 @@ def _log(message, log):
         log(message)
 
 
-def run_demo(out_dir, *, calibration_frames=600, test_frames=800, height=480, width=640, seed=0, progress=True,
+def run_demo(out_dir, *, calibration_frames=400, test_frames=800, height=480, width=640, seed=0, progress=True,
              log=print):
     """Run the demo into ``out_dir``; returns the :func:`speckle_rec.evaluate.evaluate` results.
 

@@ -615,8 +615,9 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts):
     scale = np.median(np.linalg.norm(velocity, axis=1)) if n else 1.0
     result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
                            acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
-    flips = int(np.sum(result.signs[1:] != result.signs[:-1]))
-    return result.signs, {"key_steps": int(n), "sign_changes": flips,
+    signed = result.signs[:, None] * velocity
+    reversals = int(np.sum(np.einsum("ma,ma->m", signed[1:], signed[:-1]) < 0))
+    return result.signs, {"key_steps": int(n), "reversals": reversals,
                           "uncertain_junctions": int(np.sum(result.flip_margin < 1.0))}
 
 
