@@ -94,9 +94,7 @@ def print_results(results):
 def run_evaluate(args):
     from speckle_rec.evaluate import SCORE_KEYS, evaluate
 
-    dataset = open_dataset(args.data)
-    if args.scans:
-        dataset = dataset.select(args.scans)
+    dataset = open_dataset(args.data, scans=args.scans)
     results = evaluate(dataset, args.predictions, progress=not args.quiet)
     print_results(results)
     if args.json:
@@ -175,9 +173,7 @@ def run_reconstruct(args):
     from speckle_rec.decorrelation import DecorrelationModel
     from speckle_rec.reconstruct import reconstruct_dataset
 
-    dataset = open_dataset(args.data)
-    if args.scans:
-        dataset = dataset.select(args.scans)
+    dataset = open_dataset(args.data, scans=args.scans)
     model = DecorrelationModel.from_json(args.calibration) if args.calibration else None
     summary = reconstruct_dataset(dataset, args.out, model=model, ddf=args.ddf, jobs=args.jobs,
                                   threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
@@ -206,9 +202,7 @@ def register_predict(sub, common):
 def run_predict(args):
     from speckle_rec.external import predict_dataset
 
-    dataset = open_dataset(args.data)
-    if args.scans:
-        dataset = dataset.select(args.scans)
+    dataset = open_dataset(args.data, scans=args.scans)
     summary = predict_dataset(dataset, args.function, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return _report(summary, "predicted", args.out)
 

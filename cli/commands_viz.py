@@ -25,9 +25,7 @@ def register_plot(sub, common):
 def run_plot(args):
     from speckle_rec.plot import plot_predictions
 
-    dataset = open_dataset(args.data)
-    if args.scans:
-        dataset = dataset.select(args.scans)
+    dataset = open_dataset(args.data, scans=args.scans)
     written, missing = plot_predictions(dataset, args.pred, args.out, progress=not args.quiet)
     for key in missing:
         print(f"no prediction for {key}, skipped", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import identity_transforms
 from .ddf import PixelGrid, landmark_ddfs
 from .errors import DataError
 from .metrics import (
@@ -84,7 +85,7 @@ class ScanTruth:
         return {m: errors[m] for m in METRICS if m in errors}
 
     def identity_errors(self):
-        eye = np.broadcast_to(np.eye(4), self.frame_to_first.shape)
+        eye = identity_transforms(self.n_frames)
         return self.errors_of_transforms(eye, eye)
 
     def errors_of_prediction(self, prediction):

@@ -251,12 +251,14 @@ def _keys_order(keys_path):
     return pairs
 
 
-def open_dataset(root):
+def open_dataset(root, *, scans=None):
     """Discover the scans of a challenge data folder (train or validation/test layout).
 
     Parameters
     ----------
     root : str or Path
+    scans : str, optional
+        Keep only the scans whose ``SUBJECT/SCAN`` key matches this glob (see :meth:`Dataset.select`).
 
     Returns
     -------
@@ -267,7 +269,7 @@ def open_dataset(root):
     DataError
         If the folder does not exist, holds no scans, or ``dataset_keys.h5`` names a missing scan.
     """
-    root = Path(root)
+    root, pattern = Path(root), scans
     if not root.is_dir():
         raise DataError("data folder not found", root)
     if (root / "frames_transfs").is_dir():
@@ -290,10 +292,10 @@ def open_dataset(root):
         )
     if not pairs:
         raise DataError(f"no scans found in {frames_dir.name}/", root)
-    scans = []
+    refs = []
     for subject, name in pairs:
         tforms_path = tforms_dir / subject / f"{name}.h5"
-        scans.append(
+        refs.append(
             ScanRef(
                 subject=subject,
                 name=name,
@@ -302,7 +304,8 @@ def open_dataset(root):
                 landmarks_path=_landmark_file(root, subject),
             )
         )
-    return Dataset(root=root, layout=layout, scans=tuple(scans))
+    dataset = Dataset(root=root, layout=layout, scans=tuple(refs))
+    return dataset if pattern is None else dataset.select(pattern)
 
 
 # --------------------------------------------------------------------------------------- writing
