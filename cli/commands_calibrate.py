@@ -41,7 +41,7 @@ def register_calibrate(sub, common):
     p.add_argument("--holdout", type=float, default=0.2, metavar="F",
                    help="fraction of pairs held out to measure the held-out residual (default 0.2; 0: none)")
     p.add_argument("--description", default="", metavar="TEXT", help="prepended to the model's description")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the pair sampling and the hold-out split (default 0)")
     p.set_defaults(run=run_calibrate)
 
 
@@ -70,9 +70,7 @@ def print_report(report, file=None):
 def run_calibrate(args):
     from speckle_rec.calibrate import calibrate_model
 
-    dataset = open_dataset(args.data)
-    if args.scans:
-        dataset = dataset.select(args.scans)
+    dataset = open_dataset(args.data, scans=args.scans)
     if args.pairs_per_scan < 1:
         raise DataError(f"expected --pairs-per-scan >= 1, got {args.pairs_per_scan}")
     bands = None if args.bands is None else _bands(args.bands)

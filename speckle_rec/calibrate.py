@@ -5,9 +5,14 @@ elevational distances cover ``0 … max_distance_mm`` evenly. The tracker gives 
 transform ``T_{i←j} = C⁻¹ · F_i⁻¹ · F_j · C`` (contract §3); from it each patch of frame ``i`` gets
 its true |elevational distance| ``|tz + a·x + b·y|`` to frame ``j``'s plane, the pair's in-plane
 rotation θ and the tilt about the patch's own beam (:func:`pair_geometry`). The patch correlations
-ρ are measured exactly as the estimator measures them in use
-(:func:`speckle_rec.outofplane.measure_pairs`: LK in-plane compensation, the model's patch size and
-smoothing, dark patches dropped). :meth:`DecorrelationModel.fit` then fits the curves per depth band.
+ρ are measured as the pair estimator measures them in use (:func:`speckle_rec.outofplane.measure_pairs`:
+LK flow on the pair, in-plane compensation, the model's patch size and smoothing, dark patches
+dropped); a pair whose flow fails (speckle decorrelated, typically beyond ~2 mm) gives no samples.
+:meth:`DecorrelationModel.fit` then fits the curves per depth band.
+
+Sampling from scans ties distance, tilt and in-plane rotation together (a fan moves the deep patches
+and tilts them at once), whereas tracked motions designed for calibration vary them independently;
+the fitted factors are therefore a compromise that depends on the protocols calibrated on.
 
 A random ``holdout`` fraction of the pairs is left out of a first fit to measure how well the curves
 predict distances they were not fitted to (``holdout_residual_mm`` in the report); the model returned
@@ -254,7 +259,7 @@ def collect_samples(dataset, *, model=None, pairs_per_scan=300, strides=DEFAULT_
     plans = []
     for s, scan in enumerate(scans):
         poses = scan.read_tforms() @ calibration.image_to_tool
-        n, height, width = scan.shape()
+        n = scan.shape()[0]
         # the fan, from frames spread over the scan (as fan_mask_from_frames does with a whole scan)
         spread = _read(scan, np.unique(np.linspace(0, n - 1, min(n, 100)).round().astype(np.int64)))
         mask = fan_mask_from_frames(spread)
@@ -290,8 +295,7 @@ def collect_samples(dataset, *, model=None, pairs_per_scan=300, strides=DEFAULT_
                 bar.update(len(chunk))
     if not all_pairs:
         raise DataError(f"no frame pairs within {max_distance_mm:g} mm in the tracked scans", dataset.root)
-    empty = {"pair": np.int64}
-    data = {k: np.concatenate(v) if v else np.empty(0, empty.get(k, np.float64)) for k, v in columns.items()}
+    data = {k: np.concatenate(v) for k, v in columns.items()}
     return CalibrationSamples(**data, pairs=np.array(all_pairs, np.int64).reshape(-1, 3),
                               scans=tuple(scan.key for scan in scans), inplane_error_mm=np.array(errors))
 
@@ -315,7 +319,8 @@ def band_residuals(model, samples, *, edges_mm=None):
         inverted) and ``samples``.
     """
     edges = model.depth_edges_mm if edges_mm is None else np.asarray(edges_mm, dtype=np.float64)
-    estimate, _ = model.distance(samples.rho, samples.depth_mm, samples.rotation_rad, samples.tilt_rad)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # angles that decorrelate fully
+        estimate, _ = model.distance(samples.rho, samples.depth_mm, samples.rotation_rad, samples.tilt_rad)
     error = estimate - samples.distance_mm
     band = np.searchsorted(edges, samples.depth_mm, side="right") - 1
     out = {"edges_mm": edges, "rms_mm": [], "median_abs_mm": [], "inverted": [], "samples": []}
