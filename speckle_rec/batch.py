@@ -6,7 +6,6 @@ complete), a failing scan is reported without stopping the others, optional work
 """
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ import h5py
 from .errors import DataError, SpeckleRecError
 from .prediction import DDF_KEYS, prediction_path
 from .progress import progress_bar
-from .threads import set_threads
+from .threads import available_cores, set_threads
 
 
 @dataclass
@@ -74,8 +73,7 @@ def run_scans(dataset, out_dir, task, *, finished_keys, jobs=1, threads=None, ov
     """
     if jobs < 1:
         raise DataError(f"expected jobs >= 1, got {jobs}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, cores // jobs) if threads is None else threads
+    threads = max(1, available_cores() // jobs) if threads is None else threads
     summary = BatchSummary()
     todo = []
     for scan in dataset.scans:

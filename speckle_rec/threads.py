@@ -3,6 +3,11 @@
 import os
 
 
+def available_cores():
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def set_threads(threads=None):
     """Use ``threads`` threads in Numba kernels and OpenCV (default: all cores of this process).
 
@@ -13,7 +18,7 @@ def set_threads(threads=None):
 
     available = numba.config.NUMBA_NUM_THREADS
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = available_cores()
     threads = max(1, min(int(threads), available))
     numba.set_num_threads(threads)
     cv2.setNumThreads(threads)
