@@ -160,7 +160,8 @@ def register_reconstruct(sub, common):
     p.add_argument("data", metavar="DATA_DIR")
     p.add_argument("-o", "--out", required=True, metavar="PRED_DIR", help="prediction folder to write")
     p.add_argument("--calibration", metavar="CALIB.json",
-                   help="decorrelation calibration from 'speckle-rec calibrate' (default: the packaged one)")
+                   help="decorrelation calibration from 'speckle-rec calibrate', with its first-direction prior "
+                        "(default: the packaged curves and the +1 direction convention)")
     p.add_argument("--ddf", action="store_true", help="also write the four challenge DDFs (large: ~12 GB a scan)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
     p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
@@ -171,12 +172,20 @@ def register_reconstruct(sub, common):
 
 def run_reconstruct(args):
     from speckle_rec.decorrelation import DecorrelationModel
+    from speckle_rec.direction import DirectionPrior
     from speckle_rec.reconstruct import reconstruct_dataset
 
     dataset = open_dataset(args.data, scans=args.scans)
     model = DecorrelationModel.from_json(args.calibration) if args.calibration else None
-    summary = reconstruct_dataset(dataset, args.out, model=model, ddf=args.ddf, jobs=args.jobs,
-                                  threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    prior = DirectionPrior.from_json(args.calibration) if args.calibration else None
+    if not args.quiet:
+        names = sorted({scan.name for scan in dataset.scans})
+        chosen = [(name, *(prior or DirectionPrior()).choose(name)) for name in names]
+        print("first out-of-plane direction (the mirror speckle cannot decide): "
+              + ", ".join(f"{name} {d:+d} ({basis})" for name, d, basis in chosen), file=sys.stderr)
+    summary = reconstruct_dataset(dataset, args.out, model=model, direction_prior=prior, ddf=args.ddf,
+                                  jobs=args.jobs, threads=args.threads, overwrite=args.overwrite,
+                                  progress=not args.quiet)
     if args.json:
         write_json(args.json, {"out": str(args.out), "done": summary.done, "skipped": summary.skipped,
                                "failed": summary.failed})
@@ -238,7 +247,7 @@ def run_demo(args):
     results = demo(args.out, test_frames=args.frames, seed=args.seed, progress=not args.quiet, log=log)
     print_results(results)
     out = results["demo"]["out"]
-    print(f"\nwrote {out}/: test_data/, predictions/, decorrelation.json, plots/, volume.mha "
+    print(f"\nwrote {out}/: test_data/, predictions/, calibration.json, plots/, volume.mha "
           f"({results['demo']['seconds']:.0f} s). Next:\n"
           f"  speckle-rec evaluate {out}/predictions/* --data {out}/test_data\n"
           f"  speckle-rec volume {out}/test_data --truth --scan {results['scans'][0]} -o truth.mha")

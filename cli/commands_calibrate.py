@@ -5,7 +5,7 @@ import sys
 from speckle_rec.errors import DataError
 from speckle_rec.io import open_dataset
 
-from .output import format_table, write_json
+from .output import format_table
 
 
 def _bands(text):
@@ -67,8 +67,19 @@ def print_report(report, file=None):
                         "residual mm", "held-out mm"], rows), file=file)
 
 
+def print_prior(prior, file=None):
+    """The first out-of-plane direction per scan name (default on stderr)."""
+    file = sys.stderr if file is None else file
+    rows = []
+    for name, (plus, minus) in sorted(prior.counts.items()):
+        direction, basis = prior.choose(name)
+        rows.append([name, plus, minus, f"{direction:+d}", basis])
+    print("first out-of-plane direction of the tracked scans (used by 'reconstruct --calibration'):", file=file)
+    print(format_table(["scan name", "+1 first", "-1 first", "used", "decided by"], rows), file=file)
+
+
 def run_calibrate(args):
-    from speckle_rec.calibrate import calibrate_model
+    from speckle_rec.calibrate import calibrate_model, learn_direction_prior, save_calibration
 
     dataset = open_dataset(args.data, scans=args.scans)
     if args.pairs_per_scan < 1:
@@ -78,9 +89,11 @@ def run_calibrate(args):
                                     max_distance_mm=args.max_distance, holdout=args.holdout,
                                     description=args.description, seed=args.seed, threads=args.threads,
                                     progress=not args.quiet)
+    prior = learn_direction_prior(dataset)
     for key in report["skipped_untracked"]:
         print(f"warning: skipped {key}: no tforms", file=sys.stderr)
     print_report(report)
-    write_json(args.out, dict(model.to_dict(), calibration=report))
+    print_prior(prior)
+    save_calibration(args.out, model, report=report, prior=prior)
     print(f"wrote {args.out} ({report['seconds']:.0f} s)", file=sys.stderr)
     return 0

@@ -17,20 +17,28 @@ the fitted factors are therefore a compromise that depends on the protocols cali
 A random ``holdout`` fraction of the pairs is left out of a first fit to measure how well the curves
 predict distances they were not fitted to (``holdout_residual_mm`` in the report); the model returned
 is fitted on all pairs.
+
+:func:`learn_direction_prior` counts the first out-of-plane direction of the tracked scans per scan
+name (:class:`speckle_rec.direction.DirectionPrior`), which speckle alone cannot decide.
 """
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from .decorrelation import DecorrelationModel
+from .direction import DirectionPrior, first_direction
 from .errors import DataError
 from .inplane import fan_mask_from_frames
+from .io import atomic_path
 from .outofplane import fan_apex_mm, measure_pairs, patch_grid
 from .progress import progress_bar
 from .threads import set_threads
+from .transforms import transforms_from_tforms
 
 DEFAULT_STRIDES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _DISTANCE_BINS = 12  # pairs are drawn evenly over this many bins of 0 … max_distance_mm
@@ -480,3 +488,58 @@ def calibrate_model(dataset, *, pairs_per_scan=300, bands=None, strides=DEFAULT_
         "seconds": round(time.perf_counter() - started, 2),
     }
     return model, report
+
+
+def learn_direction_prior(dataset, *, threshold_mm=1.0):
+    """Count the first out-of-plane direction of every tracked scan, per scan name.
+
+    Parameters
+    ----------
+    dataset : speckle_rec.io.Dataset
+        Needs at least one tracked scan; only ``tforms`` are read.
+    threshold_mm : float
+        Mean |elevation| of a 3 x 3 grid of image points (20/50/80 % of the width and height)
+        that counts as the first move (:func:`speckle_rec.direction.first_direction`).
+
+    Returns
+    -------
+    speckle_rec.direction.DirectionPrior
+
+    Raises
+    ------
+    DataError
+        Without tracked scans, or on unreadable or malformed ``tforms``.
+    """
+    calibration = dataset.calibration()
+    sx, sy = calibration.spacing_mm
+    found = {}
+    for scan in _tracked_scans(dataset):
+        _, height, width = scan.shape()
+        points = np.array([(sx * (fx * width + 1.0), sy * (fy * height + 1.0))
+                           for fx in (0.2, 0.5, 0.8) for fy in (0.2, 0.5, 0.8)])
+        frame_to_first, _ = transforms_from_tforms(scan.read_tforms(), calibration.image_to_tool,
+                                                   source=scan.tforms_path)
+        found.setdefault(scan.name, []).append(first_direction(frame_to_first, points, threshold_mm=threshold_mm))
+    return DirectionPrior.learn(found)
+
+
+def save_calibration(path, model, *, report=None, prior=None):
+    """Write the calibration file ``speckle-rec reconstruct --calibration`` reads, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        JSON file: the model's keys (:meth:`DecorrelationModel.to_dict`), plus ``calibration`` (the
+        :func:`calibrate_model` report) and ``direction_prior`` (:meth:`DirectionPrior.to_dict`)
+        when given.
+    model : DecorrelationModel
+    report : dict, optional
+    prior : DirectionPrior, optional
+    """
+    payload = model.to_dict()
+    if report is not None:
+        payload["calibration"] = report
+    if prior is not None:
+        payload["direction_prior"] = prior.to_dict()
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .baselines import constant_velocity_transforms, mean_local_params
-from .calibrate import calibrate_model
+from .calibrate import calibrate_model, learn_direction_prior, save_calibration
 from .evaluate import evaluate
 from .io import open_dataset
 from .prediction import prediction_path, write_prediction
@@ -71,15 +71,15 @@ def run_demo(out_dir, *, calibration_frames=400, test_frames=800, height=480, wi
 
     step("calibrating the decorrelation curves on the tracked scan")
     calibration_data = open_dataset(calib_dir)
-    model, _ = calibrate_model(calibration_data, progress=progress)
-    model_path = out / "decorrelation.json"
-    model.to_json(model_path)
+    model, report = calibrate_model(calibration_data, progress=progress)
+    prior = learn_direction_prior(calibration_data)  # one scan: not decisive, the +1 convention stays
+    save_calibration(out / "calibration.json", model, report=report, prior=prior)
 
     step("reconstructing the test scan from its images alone")
     test_data = open_dataset(test_dir)
     pred_root = out / "predictions"
-    summary = reconstruct_dataset(test_data, pred_root / "speckle_rec", model=model, progress=progress,
-                                  overwrite=True)
+    summary = reconstruct_dataset(test_data, pred_root / "speckle_rec", model=model, direction_prior=prior,
+                                  progress=progress, overwrite=True)
     if summary.failed:
         key, error = next(iter(summary.failed.items()))
         raise RuntimeError(f"reconstruction of {key} failed: {error}")

@@ -51,11 +51,18 @@ The whole trajectory mirrored through the first image plane (``z → −z`` for 
 and every |distance| are unchanged. Speckle cannot decide it. We fix it by a convention,
 ``first_direction`` (:func:`first_direction`): the sign of the mean elevation, over the image, of
 the first frame that moves away from frame 0's plane by more than a threshold. The default +1 is
-a convention, right on half of the scans whose first move is random; a prior learnt from tracked
-scans (:func:`first_direction` of their ground truth) can replace it.
+a convention, right on half of the scans whose first move is random. :class:`DirectionPrior`
+learns it from tracked scans (``speckle-rec calibrate`` stores it in the calibration file and
+``reconstruct --calibration`` uses it): protocols with a prescribed direction (2024 sweeps
+perpendicular to the image plane go distal to proximal or back, as their names say) get it right
+every time; where the first move is random (fanning, or sweeps parallel to the image plane) the
+prior is not decisive and the convention stays.
 """
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -301,4 +308,105 @@ def mirror(frame_to_first):
     return MIRROR @ g @ MIRROR
 
 
-__all__ = ["SignResolution", "first_direction", "mirror", "resolve_signs", "triplet_costs"]
+_HAND = re.compile(r"^(LH|RH)_")
+
+
+@dataclass(frozen=True)
+class DirectionPrior:
+    """The first out-of-plane direction of scans, counted per scan name on tracked scans.
+
+    :meth:`choose` picks the direction for a scan name from the most specific level with decisive
+    counts: the same name (e.g. ``LH_Per_L_DtP``), the same name with either hand (``Per_L_DtP``),
+    all scans; else the +1 convention. Counts are decisive with at least ``min_scans`` scans of
+    which a fraction ``min_agreement`` or more moved the same way first.
+
+    Attributes
+    ----------
+    counts : dict
+        Scan name → [scans whose first move was +1, scans whose first move was −1].
+    min_scans : int
+    min_agreement : float
+    """
+
+    counts: dict = field(default_factory=dict)
+    min_scans: int = 3
+    min_agreement: float = 0.75
+
+    def __post_init__(self):
+        if not isinstance(self.counts, dict):
+            raise DataError(f"expected counts as a dict of scan name -> [plus, minus], got {type(self.counts).__name__}")
+        for name, value in self.counts.items():
+            ok = (isinstance(name, str) and isinstance(value, (list, tuple)) and len(value) == 2
+                  and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value))
+            if not ok:
+                raise DataError(f"expected counts[{name!r}] = [plus, minus] non-negative integers, got {value!r}")
+        if int(self.min_scans) < 1 or not 0.5 < float(self.min_agreement) <= 1.0:
+            raise DataError(f"expected min_scans >= 1 and 0.5 < min_agreement <= 1, got {self.min_scans}, "
+                            f"{self.min_agreement}")
+
+    @classmethod
+    def learn(cls, first_directions, **options):
+        """Count ``{scan name: [first_direction, ...]}`` (+1 / −1; 0 = never moved, not counted)."""
+        counts = {}
+        for name, values in first_directions.items():
+            values = list(values)
+            counts[str(name)] = [sum(1 for v in values if v > 0), sum(1 for v in values if v < 0)]
+        return cls(counts, **options)
+
+    def _decide(self, plus, minus):
+        total = plus + minus
+        if total < self.min_scans or max(plus, minus) < self.min_agreement * total:
+            return None
+        return 1 if plus > minus else -1
+
+    def choose(self, scan_name):
+        """(direction, basis): +1 or −1 for ``scan_name``, and which counts decided it.
+
+        ``basis`` is ``"name"``, ``"name, either hand"``, ``"all scans"`` or ``"convention"``.
+        """
+        bare = _HAND.sub("", str(scan_name))
+        levels = (
+            ("name", [c for n, c in self.counts.items() if n == scan_name]),
+            ("name, either hand", [c for n, c in self.counts.items() if _HAND.sub("", n) == bare]),
+            ("all scans", list(self.counts.values())),
+        )
+        for basis, rows in levels:
+            decided = self._decide(sum(r[0] for r in rows), sum(r[1] for r in rows))
+            if decided is not None:
+                return decided, basis
+        return 1, "convention"
+
+    def to_dict(self):
+        """JSON-ready dict."""
+        return {"counts": {k: list(v) for k, v in sorted(self.counts.items())}, "min_scans": int(self.min_scans),
+                "min_agreement": float(self.min_agreement)}
+
+    @classmethod
+    def from_json(cls, path):
+        """The ``direction_prior`` of a calibration file from ``speckle-rec calibrate``; None if it has none."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError("calibration file not found", path) from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read calibration file ({exc.__class__.__name__})", path) from None
+        if not isinstance(data, dict) or "direction_prior" not in data:
+            return None
+        return cls.from_dict(data["direction_prior"], source=path)
+
+    @classmethod
+    def from_dict(cls, data, *, source=None):
+        """Build from :meth:`to_dict` output; ``source`` names the file in error messages."""
+        if not isinstance(data, dict) or not isinstance(data.get("counts"), dict):
+            raise DataError("expected direction_prior with a 'counts' mapping", source)
+        try:
+            counts = {k: [int(v[0]), int(v[1])] if isinstance(v, (list, tuple)) and len(v) == 2 else v
+                      for k, v in data["counts"].items()}
+            return cls(counts, min_scans=int(data.get("min_scans", 3)),
+                       min_agreement=float(data.get("min_agreement", 0.75)))
+        except (DataError, TypeError, ValueError) as exc:
+            raise DataError(f"bad direction_prior: {getattr(exc, 'problem', exc)}", source) from None
+
+
+__all__ = ["DirectionPrior", "SignResolution", "first_direction", "mirror", "resolve_signs", "triplet_costs"]

@@ -15,13 +15,14 @@ import numpy as np
 from .calibration import read_calibration
 from .ddf import PixelGrid, ddfs_from_transforms
 from .decorrelation import DecorrelationModel
+from .direction import DirectionPrior
 from .batch import ALL_KEYS, TRANSFORM_KEYS, run_scans
 from .errors import DataError
 from .io import check_landmarks, checked_frames
 from .prediction import write_prediction
 
 
-def reconstruct_scan(frames, *, spacing_mm, model=None, threads=None):
+def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threads=None):
     """Estimate the trajectory of one scan from its frames alone.
 
     Parameters
@@ -31,6 +32,9 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, threads=None):
         (sx, sy) mm per pixel along columns and rows.
     model : DecorrelationModel, optional
         Decorrelation curves (default: the packaged model of the simulator's default probe).
+    first_direction : {1, -1}
+        Sign of the first out-of-plane move (the global mirror speckle cannot decide, see
+        :mod:`speckle_rec.direction`); :meth:`DirectionPrior.choose` gives it from tracked scans.
     threads : int, optional
         Numba / OpenCV threads.
 
@@ -43,7 +47,8 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, threads=None):
 
     frames = checked_frames(np.asarray(frames), "frames")
     model = DecorrelationModel.default() if model is None else model
-    result = estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads)
+    result = estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads,
+                                 first_direction=first_direction)
     return result.frame_to_first, result.frame_to_previous
 
 
@@ -84,13 +89,16 @@ class ReconstructTask:
     calibration: object
     model: DecorrelationModel
     ddf: bool
+    direction_prior: DirectionPrior | None = None
     threads: int | None = None
 
     def __call__(self, scan, out_path):
         start = time.perf_counter()
         frames = scan.read_frames()
+        direction = 1 if self.direction_prior is None else self.direction_prior.choose(scan.name)[0]
         frame_to_first, frame_to_previous = reconstruct_scan(
-            frames, spacing_mm=self.calibration.spacing_mm, model=self.model, threads=self.threads
+            frames, spacing_mm=self.calibration.spacing_mm, model=self.model, first_direction=direction,
+            threads=self.threads
         )
         wall = time.perf_counter() - start
         extra = {}
@@ -104,8 +112,8 @@ class ReconstructTask:
         return wall
 
 
-def reconstruct_dataset(dataset, out_dir, *, model=None, ddf=False, jobs=1, threads=None, overwrite=False,
-                        progress=True):
+def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, ddf=False, jobs=1, threads=None,
+                        overwrite=False, progress=True):
     """Reconstruct every scan of ``dataset`` into the prediction folder ``out_dir``.
 
     Parameters
@@ -116,6 +124,9 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, ddf=False, jobs=1, thre
         Written as ``out_dir/<subject>/<scan>.h5`` (see :mod:`speckle_rec.prediction`), each file with
         its scan's wall time (attribute ``wall_time_s``, DDF writing excluded).
     model : DecorrelationModel, optional
+    direction_prior : DirectionPrior, optional
+        First out-of-plane direction per scan name, learnt from tracked scans
+        (:func:`speckle_rec.calibrate.learn_direction_prior`); default: the +1 convention.
     ddf : bool
         Also write GP, GL, LP, LL (in chunks; needs the folder's landmarks).
     jobs : int
@@ -136,6 +147,6 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, ddf=False, jobs=1, thre
         missing = [s.key for s in dataset.scans if s.landmarks_path is None]
         if missing:
             raise DataError(f"--ddf needs landmarks; none for {missing[0]}", dataset.root)
-    task = ReconstructTask(calibration, model, ddf)
+    task = ReconstructTask(calibration, model, ddf, direction_prior)
     return run_scans(dataset, out_dir, task, finished_keys=ALL_KEYS if ddf else TRANSFORM_KEYS, jobs=jobs,
                      threads=threads, overwrite=overwrite, progress=progress, desc="reconstruct")

@@ -160,8 +160,12 @@ def test_cli_calibrate_writes_model(tracked_dir, tmp_path, monkeypatch, capsys):
     assert rc == 0
     err = capsys.readouterr().err
     assert "sigma mm" in err and "residual mm" in err and f"wrote {out}" in err
+    assert "first out-of-plane direction of the tracked scans" in err
     data = json.loads(out.read_text())
     assert data["calibration"]["pairs_per_scan"] == 150 and len(data["calibration"]["bands"]) == 3
+    # a perpendicular sweep distal to proximal first moves towards -z (the simulator's probe holding)
+    assert data["direction_prior"]["counts"]["LH_Per_L_DtP"] == [0, 1]
+    assert sum(data["direction_prior"]["counts"]["RH_rotation"]) == 1
     model = DecorrelationModel.from_json(out)
     assert model.sigma_mm.size == 3 and np.all((model.sigma_mm > 0.6) & (model.sigma_mm < 1.3))
     assert [p.name for p in out.parent.iterdir()] == ["calib.json"]  # no temporary file left behind

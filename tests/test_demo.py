@@ -26,7 +26,7 @@ def test_every_stage_on_a_small_scan(tmp_path, capsys):
     ours = methods["speckle_rec"]["mean"]
     # a working pipeline beats "no motion" on the frame-to-frame errors even on a tiny scan
     assert ours["LPE"] < methods["identity"]["mean"]["LPE"]
-    assert (out / "decorrelation.json").is_file()
+    assert (out / "calibration.json").is_file()
     assert len(list((out / "plots").glob("*.png"))) == 1
     volume = sitk.ReadImage(str(out / "volume.mha"))
     assert volume.GetSpacing() == pytest.approx((0.5, 0.5, 0.5))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from speckle_rec.decorrelation import DecorrelationModel
-from speckle_rec.direction import MIRROR, first_direction, mirror, resolve_signs, triplet_costs
+from speckle_rec.direction import MIRROR, DirectionPrior, first_direction, mirror, resolve_signs, triplet_costs
 from speckle_rec.errors import DataError
 from speckle_rec.transforms import matrices_from_params
 
@@ -166,3 +166,47 @@ def test_first_direction_and_mirror():
     with pytest.raises(DataError):
         first_direction(forward, np.zeros((3, 3)))
     json.dumps({"sign": sign})
+
+
+# --------------------------------------------------------------------------- the global-mirror prior
+
+
+def test_prior_picks_the_most_specific_decisive_counts():
+    prior = DirectionPrior({"LH_Per_L_DtP": [0, 4], "RH_Per_L_DtP": [0, 1], "LH_Per_L_PtD": [3, 0],
+                            "LH_rotation": [2, 2], "RH_rotation": [1, 2]})
+    assert prior.choose("LH_Per_L_DtP") == (-1, "name")
+    assert prior.choose("RH_Per_L_DtP") == (-1, "name, either hand")  # 1 scan alone is not enough
+    assert prior.choose("RH_Per_L_PtD") == (1, "name, either hand")  # never seen with this hand
+    # rotation scans are split (3 vs 4) and all scans too (6 vs 9 = 60 %): the convention stays
+    assert prior.choose("LH_rotation") == (1, "convention")
+    assert prior.choose("anything") == (1, "convention")
+    assert DirectionPrior().choose("LH_rotation") == (1, "convention")
+    # one way for everything: mostly -1 over all scans decides unseen names
+    assert DirectionPrior({"a": [0, 5], "b": [1, 2]}).choose("c") == (-1, "all scans")
+
+
+def test_prior_learn_counts_and_ignores_scans_that_never_move():
+    prior = DirectionPrior.learn({"LH_rotation": [1, -1, 0, 1], "RH_rotation": []})
+    assert prior.counts == {"LH_rotation": [2, 1], "RH_rotation": [0, 0]}
+
+
+def test_prior_round_trip_and_bad_input(tmp_path):
+    prior = DirectionPrior({"LH_Per_L_DtP": [0, 4]}, min_scans=2, min_agreement=0.9)
+    assert DirectionPrior.from_dict(json.loads(json.dumps(prior.to_dict()))) == prior
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"format": "x", "direction_prior": prior.to_dict()}))
+    assert DirectionPrior.from_json(path) == prior
+    path.write_text(json.dumps({"format": "x"}))
+    assert DirectionPrior.from_json(path) is None  # a model file without a prior: the convention
+    with pytest.raises(DataError, match="missing.json: calibration file not found"):
+        DirectionPrior.from_json(tmp_path / "missing.json")
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="calib.json: cannot read calibration file"):
+        DirectionPrior.from_json(path)
+    for bad, message in [({"counts": {"a": [1]}}, r"counts\['a'\] = \[plus, minus\]"),
+                         ({"counts": {"a": [1, -2]}}, "non-negative integers"),
+                         ({"counts": [1, 2]}, "'counts' mapping"),
+                         ({"counts": {}, "min_agreement": 0.5}, "0.5 < min_agreement <= 1"),
+                         ({"counts": {}, "min_scans": 0}, "min_scans >= 1")]:
+        with pytest.raises(DataError, match=message):
+            DirectionPrior.from_dict(bad, source="calib.json")

@@ -1,0 +1,94 @@
+"""`speckle-rec reconstruct` and the first-direction prior learnt by `calibrate`, on small simulated scans."""
+
+import h5py
+import numpy as np
+import pytest
+
+from cli.main import main
+from speckle_rec.calibrate import learn_direction_prior, save_calibration
+from speckle_rec.calibration import Calibration
+from speckle_rec.decorrelation import DecorrelationModel
+from speckle_rec.direction import DirectionPrior, first_direction, mirror
+from speckle_rec.errors import DataError
+from speckle_rec.io import ScanData, open_dataset, write_dataset
+from speckle_rec.prediction import prediction_path
+from speckle_rec.simulate.dataset import simulate_dataset
+from speckle_rec.simulate.probe import Probe
+
+from .conftest import make_scan
+
+PROBE = Probe.fit_image(240, 320)
+POINTS = np.array([(x, y) for x in (15.0, 32.0, 48.0) for y in (10.0, 25.0, 40.0)])
+
+
+def scan_moving(rng, subject, name, direction, n_frames=12):
+    """A tracked scan whose frames step 0.4 mm along the image normal, first towards ``direction``."""
+    image_to_tool = Calibration.default().image_to_tool
+    start = np.eye(4)
+    start[:3, 3] = rng.normal(size=3) * 50.0
+    tforms = np.empty((n_frames, 4, 4))
+    for k in range(n_frames):
+        frame_to_first = np.eye(4)
+        frame_to_first[2, 3] = direction * 0.4 * k
+        tforms[k] = start @ image_to_tool @ frame_to_first @ np.linalg.inv(image_to_tool)
+    scan = make_scan(rng, subject, name, n_frames=n_frames)
+    return ScanData(scan.subject, scan.name, scan.frames, tforms, scan.landmarks)
+
+
+def test_learn_direction_prior_from_tforms(tmp_path, rng):
+    scans = [scan_moving(rng, f"{s:03d}", "LH_Per_L_DtP", -1) for s in range(3)]
+    scans += [scan_moving(rng, f"{s:03d}", "LH_rotation", d) for s, d in enumerate((1, -1, 1))]
+    scans.append(scan_moving(rng, "003", "LH_rotation", 1, n_frames=3))  # never moves 1 mm: not counted
+    root = write_dataset(tmp_path / "train", scans, layout="train")
+    prior = learn_direction_prior(open_dataset(root))
+    assert prior.counts == {"LH_Per_L_DtP": [0, 3], "LH_rotation": [2, 1]}
+    assert prior.choose("RH_Per_L_DtP") == (-1, "name, either hand")
+    assert prior.choose("LH_rotation")[1] != "name"  # 2 of 3 is not decisive
+    untracked = write_dataset(tmp_path / "test", [make_scan(rng, "050", "LH_rotation", tracked=False)],
+                              layout="test")
+    with pytest.raises(DataError, match="calibrate needs tracked scans"):
+        learn_direction_prior(open_dataset(untracked))
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """A test-layout folder with one 120-frame perpendicular sweep (240 x 320), ground truth in transfs/."""
+    root = tmp_path_factory.mktemp("recon") / "data"
+    simulate_dataset(root, protocol="linear", subjects=("050",), n_frames=120, layout="test", probe=PROBE, seed=5,
+                     hands=("LH",), planes=("per",), directions=("DtP",))
+    return root
+
+
+def predicted_globals(pred_dir):
+    with h5py.File(prediction_path(pred_dir, "050", "LH_Per_L_DtP"), "r") as handle:
+        return handle["global_transforms"][()]
+
+
+def test_reconstruct_uses_the_calibration_files_prior(sweep_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.json"
+    save_calibration(calib, DecorrelationModel.default(), prior=DirectionPrior({"LH_Per_L_DtP": [0, 5]}))
+    assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / "prior"), "--calibration", str(calib),
+                 "--threads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "LH_Per_L_DtP -1 (name)" in err and "reconstructed 1 scan(s)" in err
+    assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / "convention"), "--quiet"]) == 0
+    with_prior, convention = predicted_globals(tmp_path / "prior"), predicted_globals(tmp_path / "convention")
+    assert first_direction(with_prior, POINTS, threshold_mm=0.5) == -1
+    assert first_direction(convention, POINTS, threshold_mm=0.5) == 1
+    # the same trajectory up to the mirror through frame 0's plane
+    np.testing.assert_allclose(with_prior, mirror(convention), atol=1e-6)
+    # a rerun skips the finished scan
+    assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / "prior"), "--calibration", str(calib)]) == 0
+    assert "reconstructed 0 scan(s), skipped 1 finished" in capsys.readouterr().err
+
+
+def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.json"
+    save_calibration(calib, DecorrelationModel.default())
+    text = calib.read_text().rstrip()[:-1] + ', "direction_prior": {"counts": {"LH_rotation": [1]}}}'
+    calib.write_text(text)
+    out = tmp_path / "pred"
+    assert main(["reconstruct", str(sweep_dir), "-o", str(out), "--calibration", str(calib)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calib.json: bad direction_prior" in err[0], err
+    assert not out.exists()
