@@ -318,10 +318,11 @@ _HAND = re.compile(r"^(LH|RH)_")
 class DirectionPrior:
     """The first out-of-plane direction of scans, counted per scan name on tracked scans.
 
-    :meth:`choose` picks the direction for a scan name from the most specific level with decisive
-    counts: the same name (e.g. ``LH_Per_L_DtP``), the same name with either hand (``Per_L_DtP``),
-    all scans; else the +1 convention. Counts are decisive with at least ``min_scans`` scans of
-    which a fraction ``min_agreement`` or more moved the same way first.
+    :meth:`choose` picks the direction for a scan name from decisive counts of the same name (e.g.
+    ``LH_Per_L_DtP``), else of the same name with either hand (``Per_L_DtP``), else the +1
+    convention; other protocols never decide (a fan's first move says nothing about a sweep's).
+    Counts are decisive with at least ``min_scans`` scans of which a fraction ``min_agreement`` or
+    more moved the same way first.
 
     Attributes
     ----------
@@ -365,13 +366,12 @@ class DirectionPrior:
     def choose(self, scan_name):
         """(direction, basis): +1 or −1 for ``scan_name``, and which counts decided it.
 
-        ``basis`` is ``"name"``, ``"name, either hand"``, ``"all scans"`` or ``"convention"``.
+        ``basis`` is ``"name"``, ``"name, either hand"`` or ``"convention"``.
         """
         bare = _HAND.sub("", str(scan_name))
         levels = (
             ("name", [c for n, c in self.counts.items() if n == scan_name]),
             ("name, either hand", [c for n, c in self.counts.items() if _HAND.sub("", n) == bare]),
-            ("all scans", list(self.counts.values())),
         )
         for basis, rows in levels:
             decided = self._decide(sum(r[0] for r in rows), sum(r[1] for r in rows))

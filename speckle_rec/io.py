@@ -13,6 +13,8 @@ Frames are read lazily: :meth:`ScanRef.frames` opens the HDF5 dataset and reads 
 asked for, so a ~500 MB scan is never loaded whole unless the caller wants it.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import re

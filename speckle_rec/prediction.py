@@ -10,6 +10,8 @@ Attribute ``wall_time_s``: seconds the method took for the scan, when known. Any
 learned model's ``predict_ddfs`` output, the identity) is compared through this one format.
 """
 
+from __future__ import annotations
+
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path

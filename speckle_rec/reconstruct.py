@@ -7,6 +7,8 @@
   optional worker processes, each scan's wall time stored in its file.
 """
 
+from __future__ import annotations
+
 import time
 from dataclasses import dataclass
 
@@ -52,7 +54,7 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threa
     return result.frame_to_first, result.frame_to_previous
 
 
-def predict_ddfs(frames, landmark, data_path_calib, device=None):
+def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=None):
     """The challenge's submission function: (GP, GL, LP, LL) for one scan, on the CPU.
 
     Parameters
@@ -65,6 +67,11 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None):
         The folder's ``calib_matrix.csv``.
     device : object, optional
         Ignored (accepted for the 2025 signature; speckle_rec runs on the CPU).
+    calibration : str or Path, optional
+        A calibration file from ``speckle-rec calibrate`` (keyword only, so the challenge's
+        positional call is unchanged): its decorrelation curves replace the packaged ones, which
+        match the simulator's default probe, not a real one. Its first-direction prior is not used:
+        the challenge does not pass the scan's name, so the +1 convention stays.
 
     Returns
     -------
@@ -76,9 +83,10 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None):
     del device
     frames = checked_frames(np.asarray(frames), "frames")
     landmark = check_landmarks(landmark, frames.shape, source="landmark")
-    calibration = read_calibration(data_path_calib)
-    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calibration.spacing_mm)
-    grid = PixelGrid.from_calibration(calibration, frames.shape[1], frames.shape[2])
+    calib = read_calibration(data_path_calib)
+    model = None if calibration is None else DecorrelationModel.from_json(calibration)
+    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model)
+    grid = PixelGrid.from_calibration(calib, frames.shape[1], frames.shape[2])
     return ddfs_from_transforms(frame_to_first, frame_to_previous, landmark, grid)
 
 

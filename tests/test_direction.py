@@ -177,12 +177,11 @@ def test_prior_picks_the_most_specific_decisive_counts():
     assert prior.choose("LH_Per_L_DtP") == (-1, "name")
     assert prior.choose("RH_Per_L_DtP") == (-1, "name, either hand")  # 1 scan alone is not enough
     assert prior.choose("RH_Per_L_PtD") == (1, "name, either hand")  # never seen with this hand
-    # rotation scans are split (3 vs 4) and all scans too (6 vs 9 = 60 %): the convention stays
+    # rotation scans are split (3 vs 4): the convention stays
     assert prior.choose("LH_rotation") == (1, "convention")
-    assert prior.choose("anything") == (1, "convention")
     assert DirectionPrior().choose("LH_rotation") == (1, "convention")
-    # one way for everything: mostly -1 over all scans decides unseen names
-    assert DirectionPrior({"a": [0, 5], "b": [1, 2]}).choose("c") == (-1, "all scans")
+    # other protocols never decide, however decisive they are
+    assert DirectionPrior({"LH_Per_L_DtP": [0, 9]}).choose("LH_rotation") == (1, "convention")
 
 
 def test_prior_learn_counts_and_ignores_scans_that_never_move():

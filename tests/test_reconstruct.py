@@ -92,3 +92,39 @@ def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "calib.json: bad direction_prior" in err[0], err
     assert not out.exists()
+
+
+def test_predict_ddfs_matches_the_reconstructed_transforms(sweep_dir, tmp_path):
+    import speckle_rec
+    from speckle_rec.ddf import PixelGrid, pixel_ddfs
+    from speckle_rec.reconstruct import reconstruct_scan
+
+    dataset = open_dataset(sweep_dir)
+    scan = dataset.scans[0]
+    frames, landmarks = scan.read_frames()[:60], scan.read_landmarks()
+    landmarks = landmarks[landmarks[:, 0] < 60]
+    calib_csv = sweep_dir / "calib_matrix.csv"
+    gp, gl, lp, ll = speckle_rec.predict_ddfs(frames, landmarks, str(calib_csv), "cpu")
+    n, h, w = frames.shape
+    assert gp.shape == lp.shape == (n - 1, 3, h * w) and gl.shape == ll.shape == (3, len(landmarks))
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in (gp, gl, lp, ll))
+    calibration = dataset.calibration()
+    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calibration.spacing_mm)
+    grid = PixelGrid.from_calibration(calibration, h, w)
+    np.testing.assert_allclose(gp, pixel_ddfs(frame_to_first, grid), atol=1e-4)
+    np.testing.assert_allclose(lp, pixel_ddfs(frame_to_previous, grid), atol=1e-4)
+    # landmark k reads its frame's row of GP at its pixel (1-based x, y; row-major, x fastest)
+    k = 0
+    f, x, y = landmarks[k]
+    np.testing.assert_allclose(gl[:, k], gp[f - 1, :, (y - 1) * w + (x - 1)], atol=1e-4)
+    # a calibration file's curves are used; the packaged ones give the same result
+    calib = tmp_path / "calib.json"
+    save_calibration(calib, DecorrelationModel.default())
+    again = speckle_rec.predict_ddfs(frames, landmarks, str(calib_csv), calibration=calib)
+    np.testing.assert_allclose(again[0], gp, atol=1e-5)
+    with pytest.raises(DataError, match="missing.json: decorrelation model file not found"):
+        speckle_rec.predict_ddfs(frames, landmarks, str(calib_csv), calibration=tmp_path / "missing.json")
+    bad = landmarks.copy()
+    bad[0, 0] = 0
+    with pytest.raises(DataError, match="landmark"):
+        speckle_rec.predict_ddfs(frames, bad, str(calib_csv))
