@@ -59,7 +59,7 @@ from .inplane import (
     fan_mask_from_frames,
     track_points,
 )
-from .outofplane import fan_apex_mm, patch_grid
+from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
@@ -304,14 +304,6 @@ def _flow(stack, mask, spacing, factor, grid_px, threads, progress):
     return params, cov, ok, centroid, moments
 
 
-def _contact_point(mask, spacing):
-    """Image-mm (x, y) of the skin contact: top of the fan on its middle column."""
-    cols = np.nonzero(mask.any(axis=0))[0]
-    middle = int(round(0.5 * (cols.min() + cols.max())))
-    top = int(np.argmax(mask[:, middle]))
-    return np.array([spacing[0] * (middle + 1.0), spacing[1] * (top + 1.0)])
-
-
 def _measure(frames, mask, spacing, model, opts, threads, progress):
     n, h, w = frames.shape
     smooth = model.smooth_px
@@ -358,7 +350,8 @@ def _measure(frames, mask, spacing, model, opts, threads, progress):
         pairs = np.concatenate([np.stack([k, k + s], axis=1) for k, s in zip(starts, strides)])
     meas = _Measurements(stack, mask, spacing, model, grid, beam_cos, beam_sin, params, cov, ok, chain,
                          centroid, moments, pairs, np.empty((0, len(grid)), np.float32),
-                         _contact_point(mask, spacing), float(opts["dark_fraction"]))
+                         np.array(fan_contact_mm(mask, spacing_mm=spacing, apex_mm=apex)),
+                         float(opts["dark_fraction"]))
     rho = np.empty((pairs.shape[0], len(grid)), np.float32)
     chunk = 2048
     bar = progress_bar(total=pairs.shape[0], desc="correlate", unit="pair", enabled=progress)

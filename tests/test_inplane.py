@@ -171,11 +171,34 @@ def test_fan_mask_from_frames(rng):
     assert mask.sum() > 0.85 * fan.sum()
 
 
-def test_uncorrelated_frames_are_not_trusted(rng):
+@pytest.mark.parametrize("retry", [None, 21])
+def test_uncorrelated_frames_are_not_trusted(rng, retry):
     fan = Probe.fit_image(240, 320).fan_mask()
     a, b = (np.where(fan, rng.integers(0, 256, size=fan.shape), 0).astype(np.uint8) for _ in range(2))
-    result = estimate_inplane(a, b, mask=fan, spacing_mm=SPACING)
+    result = estimate_inplane(a, b, mask=fan, spacing_mm=SPACING, retry_window_px=retry)
     assert not result.ok or result.inlier_fraction < 0.3
+
+
+def test_retry_with_larger_window_where_most_is_decorrelated(moving_scan):
+    """Only the top fifth of the fan still correlates: the 13-pixel fit keeps few points, the retry
+    with 21-pixel windows is used, and it is as accurate on the speckle that is left."""
+    frames, motions = moving_scan
+    mask = fan_mask_from_frames(frames)
+    rows = np.nonzero(mask.any(axis=1))[0]
+    cut = rows[0] + (rows[-1] - rows[0]) // 5
+    other = speckle_frames(motions[:1], seed=99)[0]  # independent speckle: decorrelated below the cut
+    moving = frames[1].copy()
+    moving[cut:] = other[cut:]
+    plain = estimate_inplane(frames[0], moving, mask=mask, spacing_mm=SPACING)
+    retried = estimate_inplane(frames[0], moving, mask=mask, spacing_mm=SPACING, retry_window_px=21)
+    assert not plain.ok or plain.inlier_fraction < 0.5  # the retry is made
+    error = retried.params - inplane_params(motions[1])
+    assert retried.ok and np.hypot(error[0], error[1]) <= 0.05 and abs(math.degrees(error[2])) <= 0.05
+    # a well-correlated pair is not retried: identical results with and without the option
+    full = estimate_inplane(frames[0], frames[1], mask=mask, spacing_mm=SPACING, retry_window_px=21)
+    assert full.params.tolist() == estimate_inplane(frames[0], frames[1], mask=mask, spacing_mm=SPACING).params.tolist()
+    with pytest.raises(DataError, match="retry_window_px"):
+        estimate_inplane(frames[0], frames[1], mask=mask, spacing_mm=SPACING, retry_window_px=1)
 
 
 def test_fit_rigid_exact_and_outliers(rng):

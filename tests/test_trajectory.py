@@ -10,7 +10,7 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.direction import first_direction, mirror
 from speckle_rec.errors import DataError
 from speckle_rec.inplane import fan_mask_from_frames, track_points
-from speckle_rec.outofplane import fan_apex_mm, measure_pairs, patch_grid
+from speckle_rec.outofplane import fan_apex_mm, fan_contact_mm, measure_pairs, patch_grid
 from speckle_rec.simulate.dataset import simulate_scan
 from speckle_rec.simulate.motion import probe_trajectory
 from speckle_rec.simulate.probe import Probe
@@ -85,7 +85,7 @@ def synthetic_measurements(image_to_world, probe, *, noise_scale=1.0, strides=(1
                             for s in strides if s < n])
     meas = _Synthetic(None, mask, spacing, MODEL, grid, np.cos(beam), np.sin(beam), params, cov,
                       np.ones(n - 1, bool), chain, centroid, moments, pairs, None,
-                      T._contact_point(mask, spacing))
+                      np.array(fan_contact_mm(mask, spacing_mm=spacing, apex_mm=apex)))
     meas.truth, meas.noise_scale = truth, noise_scale
     meas.rho = meas.correlate(pairs).astype(np.float32)
     return meas
