@@ -14,14 +14,20 @@ compensation) and PairMeasurement.fit_plane (robust |plane| fit in ρ space) usi
 
 1. in-plane: pure in-plane motion (small ≈ consecutive freehand frames, large up to 2 mm / 3°):
    translation error at the fan centre (mm) and rotation error (deg) per pair; target ≤ 0.05 mm, 0.05°.
-2. out-of-plane, pure elevational translation 0.1-1.0 mm (all pairs of 11 frames 0.1 mm apart, three
-   skin positions): error of |d| at the centre of the bright patches (%), target ≤ 10 %; and tilt
-   (fanning about image x / rocking about image y through the skin contact, 0.5-3°): error of the
-   angle between the planes (%), target ≤ 20 %. On fully developed speckle (Tissue.uniform, 9 /mm³),
-   partially developed speckle (Tissue.uniform at 1 /mm³: 1-4 scatterers per resolution cell) and
-   the default forearm (layers, vessels, bone, partially developed regions); and the forearm again
-   with random in-plane motion of every frame (±0.3 mm, ±0.3°): pure motion needs no resampling,
-   so ρ at d → 0 is higher than in any real scan, which the calibrated peak ρ₀ < 1 reflects.
+2. out-of-plane, on fully developed speckle (Tissue.uniform, 9 /mm³), partially developed speckle
+   (Tissue.uniform at 1 /mm³: 1-4 scatterers per resolution cell), the default forearm (layers, vessels,
+   bone, partially developed regions), and the forearm again with random in-plane motion of every frame
+   (±0.3 mm, ±0.3°: pure motion needs no resampling, so ρ at d → 0 is higher than in any real scan,
+   which the calibrated peak ρ₀ < 1 reflects); three skin positions each:
+   a. pure elevational translation at a constant step of 0.1-1.0 mm per frame: choose_strides from
+      frame 0 (strides 1-16) picks per depth region the stride whose ρ lands in the usable band, and
+      StridePlan.step_distances gives the per-step |d| (chosen-stride distance / stride) per region;
+      error (%) per step and per region, target ≤ 10 %;
+   b. diagnostic: the same at stride 1 only (all pairs of 11 frames 0.1 mm apart; ρ ≈ 1 for small d);
+   c. single tilted pairs (fanning about image x / rocking about image y through the skin contact,
+      0.5-3°): error of the angle between the planes (%), target ≤ 20 %, and how many depth regions
+      still have their median ρ in the usable band (none: the pair carries no distance information);
+   d. tilt at a constant step of 0.1-0.3° per frame: per-step angle at the stride most regions chose.
 3. rotation protocol (TUS-REC2025, forearm, 1500-frame trajectory, three 120-frame segments):
    consecutive pairs and pairs at the stride choose_strides picks (the one most depth regions chose).
 4. speed: frame pairs per second of measure_pairs (flow + decorrelation) at 480x640 with 1 and 2
@@ -132,6 +138,13 @@ def evaluate_pairs(frames, motions, pairs, geometry, model, threads, *, measurem
     return out
 
 
+def true_plane(poses, i, j):
+    """(tz, a, b) of frame j's plane z = tz + a·x + b·y in frame i's image-mm, from poses in a common frame."""
+    relative = np.linalg.solve(poses[i], poses[j])
+    normal = relative[:3, 2]
+    return normal @ relative[:3, 3] / normal[2], -normal[0] / normal[2], -normal[1] / normal[2]
+
+
 def _pct(est, true):
     return 100.0 * (est - true) / true
 
@@ -186,72 +199,246 @@ def bench_inplane(model, threads, rng):
 # --------------------------------------------------------------------------- 2. out-of-plane
 
 
-def bench_outofplane(model, threads, geometry, rng):
-    """Pure elevational translation and pure tilt on three tissues (and the forearm with in-plane jitter)."""
-    steps = np.round(0.1 * np.arange(11), 3)
-    contact = PROBE.contact_point_mm
-    centre = np.array([PROBE.spacing_mm[0] * PROBE.width / 2, PROBE.spacing_mm[1] * PROBE.height / 2, 0.0])
-    tilts = (0.5, 1.0, 1.5, 2.0, 3.0)
-    tilt_motions = [np.eye(4)] + [rigid(rotvec=(math.radians(a), 0, 0), about=contact) for a in tilts] + \
-        [rigid(rotvec=(0, math.radians(a), 0), about=contact) for a in tilts]
-    translation_pairs = [(i, j) for i in range(11) for j in range(i + 1, 11)]
-    tilt_pairs = [(0, k) for k in range(1, len(tilt_motions))]
+STEPS_MM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)  # elevational step per frame of the translation sequences
+TILT_STEPS_DEG = (0.1, 0.2, 0.3)  # fan / rock step per frame of the tilt sequences
+SEQUENCE_STRIDES = (1, 2, 4, 8, 16)
+RETRY_WINDOW_PX = 21  # LK window of the flow's retry on decorrelated pairs (reported beside the default)
 
-    def jitter(n, on):
-        """In-plane motion per frame: none, or up to ±0.3 mm and ±0.3° (sub-pixel resampling as in real scans)."""
-        if not on:
-            return np.tile(np.eye(4), (n, 1, 1))
-        return np.array([rigid(t=(*rng.uniform(-0.3, 0.3, 2), 0.0),
-                               rotvec=(0, 0, math.radians(rng.uniform(-0.3, 0.3))), about=centre) for _ in range(n)])
+
+class PoseRenderer:
+    """Frames of one tissue at one skin position, rendered once per distinct probe motion.
+
+    With ``jitter``, every distinct motion gets its own random in-plane offset (±0.3 mm, ±0.3° about
+    the image centre), applied after it: resampling as in real scans.
+    """
+
+    def __init__(self, tissue, position, threads, rng, jitter):
+        self.tissue, self.position, self.threads, self.rng, self.jitter = tissue, position, threads, rng, jitter
+        self.centre = np.array([SPACING[0] * PROBE.width / 2, SPACING[1] * PROBE.height / 2, 0.0])
+        self.cache = {}
+
+    def __call__(self, keys, motions):
+        """(n, H, W) frames and the (n, 4, 4) motions actually rendered, for hashable ``keys``."""
+        todo = [(k, m) for k, m in zip(keys, motions) if k not in self.cache]
+        todo = list(dict(todo).items())
+        if todo:
+            applied = []
+            for _, m in todo:
+                if self.jitter:
+                    m = m @ rigid(t=(*self.rng.uniform(-0.3, 0.3, 2), 0.0),
+                                  rotvec=(0, 0, math.radians(self.rng.uniform(-0.3, 0.3))), about=self.centre)
+                applied.append(m)
+            frames = render_frames(base_pose(*self.position) @ np.array(applied), probe=PROBE, tissue=self.tissue,
+                                   threads=self.threads)
+            for (k, _), f, m in zip(todo, frames, applied):
+                self.cache[k] = (f, m)
+        return (np.stack([self.cache[k][0] for k in keys]), np.stack([self.cache[k][1] for k in keys]))
+
+    def sequence(self, keys, motions, length):
+        """A ``length``-frame sequence holding frames at strides 0, 1, 2, 4, ... from frame 0 only.
+
+        choose_strides from start 0 reads no other frame, so the others stay black (never rendered).
+        """
+        index = [0] + list(SEQUENCE_STRIDES)
+        frames, applied = self(keys, motions)
+        out = np.zeros((length,) + frames.shape[1:], np.uint8)
+        poses = np.tile(np.eye(4), (length, 1, 1))
+        out[index], poses[index] = frames, applied
+        return out, poses
+
+
+def _regions_in_band(measurement, model, edges):
+    """Number of depth regions whose median rotation-corrected ρ (bright patches) is in the usable band."""
+    m = measurement
+    if not m.inplane.ok:
+        return 0
+    region = np.clip(np.searchsorted(edges, m.y_mm, side="right") - 1, 0, edges.size - 2)
+    corrected = m.rho / model.scale(m.y_mm, m.inplane.theta_rad)
+    lo, hi = model.usable_rho
+    count = 0
+    for r in range(edges.size - 1):
+        values = corrected[(region == r) & m.bright & np.isfinite(corrected)]
+        if values.size and lo <= np.median(values) <= hi:
+            count += 1
+    return count
+
+
+def bench_outofplane(model, threads, geometry, rng):
+    """Elevational translation and tilt on three tissues (and the forearm with in-plane jitter).
+
+    a. translation sequences at a constant step, per-step |d| per depth region at the chosen strides
+       (what the method does: StridePlan.step_distances);
+    b. single pairs at stride 1 (diagnostic: ρ ≈ 1 for small steps);
+    c. single tilted pairs (fan / rock about the skin contact), with the number of depth regions whose
+       ρ is still in the usable band;
+    d. tilt sequences at a constant angular step, per-step tilt at the chosen stride.
+    """
+    contact = PROBE.contact_point_mm
+    tilts = (0.5, 1.0, 1.5, 2.0, 3.0)
+    axes = {"fan": lambda a: rigid(rotvec=(math.radians(a), 0, 0), about=contact),
+            "rock": lambda a: rigid(rotvec=(0, math.radians(a), 0), about=contact)}
+    pair_steps = np.round(0.1 * np.arange(11), 3)
+    translation_pairs = [(i, j) for i in range(11) for j in range(i + 1, 11)]
+    tilt_keys = [("tilt", "fan", 0.0)] + [("tilt", axis, a) for axis in axes for a in tilts]
+    tilt_motions = [np.eye(4)] + [axes[axis](a) for axis in axes for a in tilts]
+    tilt_pairs = [(0, k) for k in range(1, len(tilt_motions))]
+    edges = model.depth_edges_mm
+    n_regions = edges.size - 1
+    length = SEQUENCE_STRIDES[-1] + 1
+    kw = dict(mask=geometry.mask, spacing_mm=SPACING, model=model, grid=geometry.grid, apex_mm=geometry.apex,
+              threads=threads)
 
     rows = [(name, tissue, False) for name, tissue in TISSUES.items()] + \
         [("forearm + in-plane jitter", TISSUES["forearm"], True)]
-    table, rows_d, rows_t = {}, [], []
+    table = {}
+    rows_seq, rows_region, rows_d, rows_t, rows_band, rows_flow, rows_tseq = [], [], [], [], [], [], []
     for row_name, tissue, jittered in rows:
+        per_step = {s: [] for s in STEPS_MM}
+        per_region = [[] for _ in range(n_regions)]
+        strides_used = {s: [] for s in STEPS_MM}
         distance = {round(0.1 * s, 1): [] for s in range(1, 11)}
-        tilt = {(axis, a): [] for axis in ("fan", "rock") for a in tilts}
+        tilt = {(axis, a): [] for axis in axes for a in tilts}
+        in_band = {(axis, a): [] for axis in axes for a in tilts}
+        tilt_retry = {(axis, a): [] for axis in axes for a in tilts}
+        flow = {(axis, a): [] for axis in axes for a in tilts}
+        flow_retry = {(axis, a): [] for axis in axes for a in tilts}
+        tilt_seq = {(axis, d): [] for axis in axes for d in TILT_STEPS_DEG}
+        tilt_seq_strides = {(axis, d): [] for axis in axes for d in TILT_STEPS_DEG}
         for position in POSITIONS_MM:
-            motions = np.array([rigid(t=(0.0, 0.0, z)) for z in steps]) @ jitter(steps.size, jittered)
-            frames = render_frames(base_pose(*position) @ motions, probe=PROBE, tissue=tissue, threads=threads)
+            render = PoseRenderer(tissue, position, threads, rng, jittered)
+            # a. translation sequences: frame k at k·step
+            for step in STEPS_MM:
+                zs = [round(step * k, 4) for k in [0] + list(SEQUENCE_STRIDES)]
+                frames, _ = render.sequence([("z", z) for z in zs], [rigid(t=(0.0, 0.0, z)) for z in zs], length)
+                plan = choose_strides(frames, [0], strides=SEQUENCE_STRIDES, **kw)
+                result = plan.step_distances()
+                errors = _pct(result.step_mm[0], step)
+                per_step[step] += errors.tolist()
+                strides_used[step] += result.stride[0][result.stride[0] > 0].tolist()
+                for r in range(n_regions):
+                    per_region[r].append(errors[r])
+            # b. single pairs at stride 1 (diagnostic)
+            frames, motions = render([("z", round(z, 4)) for z in pair_steps], [rigid(t=(0.0, 0.0, z)) for z in pair_steps])
             e = evaluate_pairs(frames, motions, translation_pairs, geometry, model, threads)
             for (i, j), est in zip(translation_pairs, e["d_est"]):
-                d = round(steps[j] - steps[i], 1)
-                distance[d].append(_pct(est, d))
-            motions = np.array(tilt_motions) @ jitter(len(tilt_motions), jittered)
-            frames = render_frames(base_pose(*position) @ motions, probe=PROBE, tissue=tissue, threads=threads)
-            e = evaluate_pairs(frames, motions, tilt_pairs, geometry, model, threads)
-            for k, (true, est) in enumerate(zip(e["tilt_true"], e["tilt_est"])):
-                axis = "fan" if k < len(tilts) else "rock"
-                tilt[(axis, tilts[k % len(tilts)])].append(_pct(est, true))
-        entry = {"distance_pct": {}, "tilt_pct": {}}
-        for d, errors in distance.items():
-            entry["distance_pct"][str(d)] = dict(_stats(errors), mean_abs=_stats(np.abs(errors))["mean"])
-        for (axis, a), errors in tilt.items():
-            entry["tilt_pct"][f"{axis} {a}"] = dict(_stats(errors), mean_abs=_stats(np.abs(errors))["mean"])
+                distance[round(pair_steps[j] - pair_steps[i], 1)].append(_pct(est, pair_steps[j] - pair_steps[i]))
+            # c. tilted pairs
+            frames, motions = render(tilt_keys, tilt_motions)
+            measured = measure_pairs(frames, tilt_pairs, **kw)
+            e = evaluate_pairs(frames, motions, tilt_pairs, geometry, model, threads, measurements=measured)
+            retried = measure_pairs(frames, tilt_pairs, inplane_options={"retry_window_px": RETRY_WINDOW_PX}, **kw)
+            e_retry = evaluate_pairs(frames, motions, tilt_pairs, geometry, model, threads, measurements=retried)
+            for k, (true, est, m) in enumerate(zip(e["tilt_true"], e["tilt_est"], measured)):
+                key = ("fan" if k < len(tilts) else "rock", tilts[k % len(tilts)])
+                tilt[key].append(_pct(est, true))
+                tilt_retry[key].append(_pct(e_retry["tilt_est"][k], true))
+                in_band[key].append(_regions_in_band(m, model, edges))
+                flow[key].append(e["t_err"][k])
+                flow_retry[key].append(e_retry["t_err"][k])
+            # d. tilt sequences: frame k tilted by k·step about the contact
+            for axis, make in axes.items():
+                for step in TILT_STEPS_DEG:
+                    angles = [round(step * k, 4) for k in [0] + list(SEQUENCE_STRIDES)]
+                    keys = [("tilt", axis if a else "fan", a) for a in angles]
+                    frames, _ = render.sequence(keys, [make(a) for a in angles], length)
+                    plan = choose_strides(frames, [0], strides=SEQUENCE_STRIDES, **kw)
+                    chosen = plan.chosen[0][plan.chosen[0] > 0]
+                    if chosen.size == 0:
+                        tilt_seq[(axis, step)].append(np.nan)
+                        continue
+                    values, counts = np.unique(chosen, return_counts=True)
+                    stride = int(values[np.argmax(counts)])  # the stride most depth regions chose
+                    tilt_seq_strides[(axis, step)].append(stride)
+                    try:
+                        fit = plan.measurements[(0, stride)].fit_plane()
+                    except DataError:
+                        tilt_seq[(axis, step)].append(np.nan)
+                        continue
+                    estimate = math.degrees(math.atan(math.hypot(fit.a, fit.b))) / stride
+                    tilt_seq[(axis, step)].append(_pct(estimate, step))
+
+        def summary(errors):
+            errors = np.asarray(errors, float)
+            return dict(_stats(errors), mean_abs=_stats(np.abs(errors))["mean"])
+
+        entry = {"step_pct": {str(s): dict(summary(v), strides=_counts(strides_used[s])) for s, v in per_step.items()},
+                 "step_pct_by_region": {f"{edges[r]:g}-{edges[r + 1]:g}": summary(v) for r, v in enumerate(per_region)},
+                 "distance_pct_stride1": {str(d): summary(v) for d, v in distance.items()},
+                 "tilt_pct": {f"{axis} {a}": summary(v) for (axis, a), v in tilt.items()},
+                 "tilt_regions_in_band": {f"{axis} {a}": float(np.mean(v)) for (axis, a), v in in_band.items()},
+                 "tilt_pct_flow_retry": {f"{axis} {a}": summary(v) for (axis, a), v in tilt_retry.items()},
+                 "tilt_pairs_translation_error_mm": {f"{axis} {a}": _stats(v) for (axis, a), v in flow.items()},
+                 "tilt_pairs_translation_error_mm_flow_retry": {f"{axis} {a}": _stats(v)
+                                                                for (axis, a), v in flow_retry.items()},
+                 "tilt_sequence_pct": {f"{axis} {d}": dict(summary(v), strides=_counts(tilt_seq_strides[(axis, d)]))
+                                       for (axis, d), v in tilt_seq.items()}}
+        all_steps = np.concatenate([np.asarray(v, float) for v in per_step.values()])
         all_d = np.concatenate([np.asarray(v, float) for v in distance.values()])
-        far_d = np.concatenate([np.asarray(v, float) for d, v in distance.items() if d >= 0.3])
         all_t = np.concatenate([np.asarray(v, float) for v in tilt.values()])
-        entry["distance_mean_abs_pct"] = float(np.nanmean(np.abs(all_d)))
-        entry["distance_mean_abs_pct_d_ge_0.3"] = float(np.nanmean(np.abs(far_d)))
+        all_ts = np.concatenate([np.asarray(v, float) for v in tilt_seq.values()])
+        entry["step_mean_abs_pct"] = float(np.nanmean(np.abs(all_steps)))
+        entry["step_missing"] = int(np.sum(~np.isfinite(all_steps)))
+        entry["distance_mean_abs_pct_stride1"] = float(np.nanmean(np.abs(all_d)))
         entry["tilt_mean_abs_pct"] = float(np.nanmean(np.abs(all_t)))
         entry["tilt_failed"] = int(np.sum(~np.isfinite(all_t)))
+        entry["tilt_sequence_mean_abs_pct"] = float(np.nanmean(np.abs(all_ts)))
         table[row_name] = entry
-        rows_d.append([row_name] + [_f(entry["distance_pct"][str(d)]["mean"], 1) for d in distance] +
-                      [_f(entry["distance_mean_abs_pct"], 1), _f(entry["distance_mean_abs_pct_d_ge_0.3"], 1),
-                       "yes" if entry["distance_mean_abs_pct"] <= TARGETS["distance_pct"] else "NO"])
-        rows_t.append([row_name] + [_f(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1)
-                                    for axis in ("fan", "rock") for a in tilts] +
+        worst = max(abs(entry["step_pct"][str(s)]["mean"]) for s in STEPS_MM)
+        rows_seq.append([row_name] + [_f(entry["step_pct"][str(s)]["mean"], 1) for s in STEPS_MM] +
+                        [_f(entry["step_mean_abs_pct"], 1), _f(_stats(np.abs(all_steps))["p95"], 1),
+                         entry["step_missing"],
+                         "yes" if entry["step_mean_abs_pct"] <= TARGETS["distance_pct"] and worst <= 10 else "NO"])
+        rows_region.append([row_name] + [_f(v["mean"], 1) for v in entry["step_pct_by_region"].values()])
+        rows_d.append([row_name] + [_f(entry["distance_pct_stride1"][str(d)]["mean"], 1) for d in distance] +
+                      [_f(entry["distance_mean_abs_pct_stride1"], 1)])
+        rows_t.append([row_name] + [_f(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1) for axis in axes for a in tilts] +
                       [_f(entry["tilt_mean_abs_pct"], 1), entry["tilt_failed"],
                        "yes" if entry["tilt_mean_abs_pct"] <= TARGETS["tilt_pct"] else "NO"])
-    print("\n2a. Pure elevational translation: mean signed error of |d| (%) per true d (mm); 3 positions, "
-          "all pairs of 11 frames 0.1 mm apart")
-    print(format_table(["tissue"] + [f"{d:.1f}" for d in distance] +
-                       ["mean |err| %", "d>=0.3: mean |err| %", "all <= 10 %"], rows_d))
-    print("\n2b. Pure tilt about the skin contact (fan: image x, rock: image y): mean signed error of the angle "
-          "between the planes (%); '-': every fit failed")
-    print(format_table(["tissue"] + [f"{axis} {a:g}" for axis in ("fan", "rock") for a in tilts] +
+        rows_band.append([row_name] + [_f(entry["tilt_regions_in_band"][f"{axis} {a}"], 1)
+                                       for axis in axes for a in tilts])
+        rows_flow.append([row_name] + [
+            f"{_f(entry['tilt_pairs_translation_error_mm'][f'{axis} {a}']['max'], 2)} / "
+            f"{_f(entry['tilt_pairs_translation_error_mm_flow_retry'][f'{axis} {a}']['max'], 2)}"
+            for axis in axes for a in tilts] +
+            [_f(float(np.nanmean(np.abs(np.concatenate([np.asarray(v, float) for v in tilt_retry.values()])))), 1)])
+        rows_tseq.append([row_name] + [_f(entry["tilt_sequence_pct"][f"{axis} {d}"]["mean"], 1)
+                                       for axis in axes for d in TILT_STEPS_DEG] +
+                         [_f(entry["tilt_sequence_mean_abs_pct"], 1),
+                          "yes" if entry["tilt_sequence_mean_abs_pct"] <= TARGETS["tilt_pct"] else "NO"])
+    print("\n2a. Elevational translation at a constant step per frame (mm): per-step |d| measured at the stride "
+          "chosen per depth region (StridePlan.step_distances), mean signed error (%); 3 positions x "
+          f"{n_regions} regions")
+    print(format_table(["tissue"] + [f"{s:g}" for s in STEPS_MM] +
+                       ["mean |err| %", "p95 |err| %", "missing", "<= 10 %"], rows_seq))
+    print("   strides chosen (fully developed): " + "; ".join(
+        f"{s:g} mm: " + ", ".join(f"{k}x{c}" for k, c in table["fully developed"]["step_pct"][str(s)]["strides"].items())
+        for s in STEPS_MM))
+    print("\n2a'. The same per depth region (image-mm y), mean signed error (%) over steps and positions")
+    print(format_table(["tissue"] + list(table["fully developed"]["step_pct_by_region"]), rows_region))
+    print("\n2b. Diagnostic: single pairs at stride 1 (all pairs of 11 frames 0.1 mm apart), mean signed error of "
+          "|d| (%) per true d (mm); small d leave ρ ≈ 1, which the method does not use")
+    print(format_table(["tissue"] + [f"{d:.1f}" for d in distance] + ["mean |err| %"], rows_d))
+    print("\n2c. Single tilted pairs about the skin contact (fan: image x, rock: image y): mean signed error of the "
+          "angle between the planes (%); '-': every fit failed")
+    print(format_table(["tissue"] + [f"{axis} {a:g}" for axis in axes for a in tilts] +
                        ["mean |err| %", "failed", "<= 20 %"], rows_t))
+    print(f"    depth regions (of {n_regions}) whose median ρ is in the usable band, mean over positions")
+    print(format_table(["tissue"] + [f"{axis} {a:g}" for axis in axes for a in tilts], rows_band))
+    print(f"    in-plane translation error at the fan centre, max over positions (mm): default flow / flow retried with "
+          f"{RETRY_WINDOW_PX}-pixel windows where < half the points agree (inplane_options retry_window_px); last "
+          "column: tilt mean |err| % with the retry")
+    print(format_table(["tissue"] + [f"{axis} {a:g}" for axis in axes for a in tilts] + ["tilt %, retry"],
+                       rows_flow))
+    print("\n2d. Tilt at a constant step per frame (deg): per-step angle between the planes at the stride most depth "
+          "regions chose, mean signed error (%)")
+    print(format_table(["tissue"] + [f"{axis} {d:g}" for axis in axes for d in TILT_STEPS_DEG] +
+                       ["mean |err| %", "<= 20 %"], rows_tseq))
     return table
+
+
+def _counts(values):
+    values, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
 
 
 # --------------------------------------------------------------------------- 3. rotation protocol
@@ -264,6 +451,7 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
     geometry = Geometry(np.concatenate([c[0][::10] for c in chunks]))
     kinds = {"consecutive": [], "chosen stride": []}
     strides_used = []
+    per_step = {"true": [], "est": [], "stride": []}
     for frames, poses in chunks:
         n = frames.shape[0]
         pairs = [(i, i + 1) for i in range(n - 1)]
@@ -280,6 +468,15 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
         strides_used += [j - i for i, j in chosen]
         kinds["chosen stride"].append(evaluate_pairs(frames, poses, chosen, geometry, model, threads,
                                                      measurements=measured))
+        # per-step |d| per depth region at the stride that region chose (StridePlan.step_distances)
+        steps = plan.step_distances()
+        for a, start in enumerate(steps.starts):
+            for r in np.nonzero(np.isfinite(steps.step_mm[a]))[0]:
+                k = int(steps.stride[a, r])
+                tz, slope_x, slope_y = true_plane(poses, int(start), int(start) + k)
+                per_step["true"].append(abs(tz + slope_x * steps.x_mm[a, r] + slope_y * steps.y_mm[a, r]) / k)
+                per_step["est"].append(steps.step_mm[a, r])
+                per_step["stride"].append(k)
     table, rows = {}, []
     for kind, parts in kinds.items():
         e = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -308,17 +505,50 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
                      _f(entry["tilt_error_pct_where_tilt_ge_0.5"]["median"], 1),
                      _f(entry["tilt_signed_pct_where_tilt_ge_0.5"]["mean"], 1),
                      _f(entry["translation_error_mm"]["p95"]), _f(entry["rotation_error_deg"]["p95"])])
+    true, est, stride = (np.asarray(per_step[k], float) for k in ("true", "est", "stride"))
+    far = true * stride >= 0.2  # the chosen-stride distance, as for the pairs above
+    entry = {"values": int(true.size), "failed": int(np.sum(~np.isfinite(est))),
+             "true_step_median_mm": _stats(true)["median"], "step_abs_error_mm": _stats(np.abs(est - true)),
+             "step_error_pct_where_stride_distance_ge_0.2": _stats(np.abs(_pct(est[far], true[far]))),
+             "step_signed_pct_where_stride_distance_ge_0.2": _stats(_pct(est[far], true[far])),
+             "strides": _counts(stride)}
+    table["per-step, stride per region"] = entry
+    rows.append(["per-step, stride per region", entry["values"], entry["failed"], _f(entry["true_step_median_mm"]),
+                 _f(entry["step_abs_error_mm"]["median"]),
+                 _f(entry["step_error_pct_where_stride_distance_ge_0.2"]["median"], 1),
+                 _f(entry["step_error_pct_where_stride_distance_ge_0.2"]["mean"], 1), "-", "-", "-", "-", "-", "-"])
     print("\n3. Rotation protocol (forearm; 3 segments of 120 frames): |d| at the patch centre, angle between "
-          "planes, in-plane motion")
+          "planes, in-plane motion; last row: per-step |d| per depth region (chosen-stride distance / stride, "
+          "StridePlan.step_distances) against the true distance over those frames / stride (% where that distance "
+          ">= 0.2 mm)")
     print(format_table(["pairs", "n", "failed", "true d med mm", "|d| err med mm", "|d| err med % (d>=0.2)",
                         "mean %", "true tilt med deg", "tilt err med deg", "tilt err med % (>=0.5)",
                         "signed mean %", "t err p95 mm", "rot err p95 deg"], rows))
     if strides_used:
         print("   chosen strides: " + ", ".join(f"{s}: {c}" for s, c in table["chosen stride"]["strides"].items()))
+    print("   strides per region (per-step row): " + ", ".join(f"{s}: {c}" for s, c in entry["strides"].items()) +
+          f"; signed mean {_f(entry['step_signed_pct_where_stride_distance_ge_0.2']['mean'], 1)} %")
     return table, chunks
 
 
 # --------------------------------------------------------------------------- 4. speed
+
+
+def speed_pairs(n_frames, strides=(1, 2, 4)):
+    """Every pair (i, i + s) of ``n_frames`` frames for s in ``strides`` (the speed test's workload)."""
+    return [(i, i + s) for s in strides for i in range(n_frames - s)]
+
+
+def time_measure_pairs(frames, pairs, geometry, model, threads, *, repeats=2):
+    """(wall s, CPU s of all threads, measurements) of measure_pairs, the best of ``repeats`` runs."""
+    best = None
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        measured = measure_pairs(frames, pairs, mask=geometry.mask, spacing_mm=SPACING, model=model,
+                                 grid=geometry.grid, apex_mm=geometry.apex, threads=threads)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        best = (wall, cpu, measured) if best is None or wall < best[0] else best
+    return best
 
 
 def bench_speed(model, max_threads, frames=None):
@@ -330,20 +560,12 @@ def bench_speed(model, max_threads, frames=None):
         scan = simulate_scan(1500, protocol="rotation", subject="300", probe=PROBE, tissue=TISSUES["forearm"], seed=7)
         frames = scan.frames[200:320]
     geometry = Geometry(frames)
-    n = frames.shape[0]
-    pairs = [(i, i + s) for s in (1, 2, 4) for i in range(n - s)]
+    pairs = speed_pairs(frames.shape[0])
     measure_pairs(frames, pairs[:8], mask=geometry.mask, spacing_mm=SPACING, model=model, grid=geometry.grid,
                   apex_mm=geometry.apex, threads=1)  # warm up
     rows, table = [], {}
     for threads in sorted({1, max_threads}):
-        best = None
-        for _ in range(2):
-            wall, cpu = time.perf_counter(), time.process_time()
-            measured = measure_pairs(frames, pairs, mask=geometry.mask, spacing_mm=SPACING, model=model,
-                                     grid=geometry.grid, apex_mm=geometry.apex, threads=threads)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            best = (wall, cpu) if best is None or wall < best[0] else best
-        wall, cpu = best
+        wall, cpu, measured = time_measure_pairs(frames, pairs, geometry, model, threads)
         rate = len(pairs) / wall
         table[f"{threads} thread(s)"] = {"pairs": len(pairs), "pairs_per_s": rate,
                                          "wall_ms_per_pair": 1e3 * wall / len(pairs),

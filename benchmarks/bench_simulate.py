@@ -35,6 +35,13 @@ def sweep(probe, n):
     return poses
 
 
+def time_render(poses, *, probe, tissue, threads):
+    """Wall and CPU seconds (all threads) to render ``poses``; CPU time shows the cost on shared cores."""
+    start, cpu = time.perf_counter(), time.process_time()
+    render_frames(poses, probe=probe, tissue=tissue, threads=threads)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("png", nargs="?", default=str(Path(__file__).with_name("simulated_frame.png")))
@@ -45,12 +52,9 @@ def main(argv=None):
     tissue = Tissue.forearm()
     poses = sweep(probe, args.frames)
     frames = render_frames(poses[:2], probe=probe, tissue=tissue)  # compile / load the kernels
-    # CPU ms per frame (all threads) shows the cost when other processes share the cores
     print(f"{'threads':>7}  {'frames':>6}  {'seconds':>8}  {'frames/s':>8}  {'CPU ms/frame':>12}")
     for threads in (1, 2):
-        start, cpu = time.perf_counter(), time.process_time()
-        render_frames(poses, probe=probe, tissue=tissue, threads=threads)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        elapsed, cpu = time_render(poses, probe=probe, tissue=tissue, threads=threads)
         print(f"{threads:>7}  {args.frames:>6}  {elapsed:>8.2f}  {args.frames / elapsed:>8.1f}  "
               f"{1000 * cpu / args.frames:>12.1f}")
     if not cv2.imwrite(args.png, frames[0]):

@@ -1,0 +1,50 @@
+"""The machine a benchmark ran on: cores, memory, load average and library versions (shared by the scripts).
+
+Benchmarks on the project's shared machines are only comparable with the load they ran under, so every
+script prints :func:`describe` with its table and stores :func:`machine_info` in its JSON.
+"""
+
+import os
+import platform
+
+
+def machine_info():
+    """Cores, memory (GiB), load average and the versions of Python, NumPy, SciPy, Numba, OpenCV."""
+    import cv2
+    import numba
+    import numpy
+    import scipy
+
+    from speckle_rec.threads import available_cores
+
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    return {
+        "cores": available_cores(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": None if memory_gib is None else round(memory_gib, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "numba": numba.__version__,
+        "opencv": cv2.__version__,
+    }
+
+
+def load_average():
+    """1, 5 and 15 minute load averages, rounded."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def describe(info, *, load_end=None):
+    """One line: cores, memory, load average (at start, and at the end when given), versions."""
+    memory = f", {info['memory_gib']:.0f} GiB" if info.get("memory_gib") else ""
+    load = "/".join(f"{v:.2f}" for v in info["load_average"])
+    end = "" if load_end is None else f" (start), {'/'.join(f'{v:.2f}' for v in load_end)} (end)"
+    return (f"machine: {info['cores']} core(s){memory}, load average {load}{end}; Python {info['python']}, "
+            f"NumPy {info['numpy']}, SciPy {info['scipy']}, Numba {info['numba']}, OpenCV {info['opencv']}")

@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark scripts: each main() on tiny sizes writes the JSON it promises.
+
+Not a measurement (the sizes are far too small to mean anything); it catches a script broken by a
+change of the library's API.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as plain modules
+    try:
+        import accuracy
+        import speed
+
+        yield accuracy, speed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_accuracy_with_an_extra_prediction_folder(scripts, tmp_path, capsys):
+    accuracy, _ = scripts
+    from speckle_rec.ddf import PixelGrid, ddfs_from_transforms
+    from speckle_rec.io import open_dataset
+    from speckle_rec.prediction import prediction_path, write_prediction
+    from speckle_rec.transforms import globals_from_locals, matrices_from_params
+
+    out, first = tmp_path / "out", tmp_path / "first.json"
+    size = ["--protocols", "linear", "--frames", "60", "--height", "120", "--width", "160",
+            "--calibration-frames", "100", "--full-frames", "0", "--out", str(out), "--quiet"]
+    assert accuracy.main(size + ["--json", str(first)]) == 0
+    run = json.loads(first.read_text())["runs"][0]["name"]
+    assert run == "linear_120x160_60"
+
+    # a method that only writes the challenge's DDFs (as `speckle-rec predict` does), in the per-run layout
+    data = open_dataset(out / "data" / run)
+    scan = data.scans[0]
+    n, h, w = scan.shape()
+    local = np.tile(matrices_from_params([0.0, 0.0, 0.0, 0.0, 0.0, 0.5]), (n - 1, 1, 1))  # 0.5 mm out of plane
+    grid = PixelGrid.from_calibration(data.calibration(), h, w)
+    gp, gl, lp, ll = ddfs_from_transforms(globals_from_locals(local), local, scan.read_landmarks(), grid)
+    write_prediction(prediction_path(tmp_path / "learned" / run, scan.subject, scan.name), GP=gp, GL=gl, LP=lp, LL=ll,
+                     wall_time_s=1.0)
+
+    second = tmp_path / "second.json"
+    assert accuracy.main(size + ["--pred", f"learned={tmp_path / 'learned'}", "--json", str(second)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(second.read_text())
+    assert {"machine", "runs", "table", "load_average_end"} <= set(report)
+    rows = {row["method"]: row for row in report["table"]}
+    assert list(rows) == ["identity", "constant_velocity", "in_plane_only", "speckle_rec", "speckle_rec_true_mirror",
+                          "learned"]
+    for row in rows.values():
+        assert row["scans"] == 1 and row["missing"] == 0
+        assert all(finite(row[m]) for m in ("GPE", "GLE", "LPE", "LLE", "score"))
+    assert rows["identity"]["score"] == 0.0
+    for name in ("speckle_rec", "speckle_rec_true_mirror", "learned"):
+        assert 0.0 <= rows[name]["sign_accuracy"] <= 1.0 and finite(rows[name]["drift_percent"])
+    assert finite(rows["speckle_rec"]["seconds_per_scan"]) and finite(rows["speckle_rec"]["frames_per_s"])
+    assert rows["learned"]["seconds_per_scan"] == pytest.approx(1.0)
+    assert "learned" in table and "speckle_rec_true_mirror" in table
+
+
+def test_speed_runs_every_stage(scripts, tmp_path, capsys):
+    _, speed = scripts
+    path = tmp_path / "speed.json"
+    assert speed.main(["--quick", "--in-process", "--frames", "40", "--json", str(path), "--quiet"]) == 0
+    report = json.loads(path.read_text())
+    assert {"machine", "rows", "errors", "load_average_end", "sizes"} <= set(report)
+    assert report["errors"] == {}
+    assert {row["stage"] for row in report["rows"]} == set(speed.STAGES)
+    for row in report["rows"]:
+        assert row["items"] >= 1 and finite(row["seconds"]) and row["seconds"] >= 0
+        assert finite(row["wall_ms_per"]) and finite(row["peak_rss_mib"]) and row["peak_rss_mib"] > 0
+    assert finite(next(r for r in report["rows"] if r["stage"] == "ddf")["speedup"])
+    assert "predict_ddfs" in capsys.readouterr().out
+
+
+def test_speed_stage_in_a_fresh_process(scripts):
+    _, speed = scripts
+    params = dict(speed.QUICK, threads=1, ddf_frames=4, ddf_height=64, ddf_width=80, data=None, prediction=None)
+    rows, error = speed.run_in_child("ddf", params)
+    assert error is None
+    (row,) = rows
+    assert row["stage"] == "ddf" and row["items"] == 4 and finite(row["seconds"]) and row["peak_rss_mib"] > 0
