@@ -6,6 +6,7 @@ script prints :func:`describe` with its table and stores :func:`machine_info` in
 
 import os
 import platform
+import sys
 
 
 def machine_info():
@@ -48,3 +49,13 @@ def describe(info, *, load_end=None):
     end = "" if load_end is None else f" (start), {'/'.join(f'{v:.2f}' for v in load_end)} (end)"
     return (f"machine: {info['cores']} core(s){memory}, load average {load}{end}; Python {info['python']}, "
             f"NumPy {info['numpy']}, SciPy {info['scipy']}, Numba {info['numba']}, OpenCV {info['opencv']}")
+
+
+def stderr_log(quiet):
+    """A ``log(line)`` printing progress lines on stderr, or nothing when ``quiet``."""
+
+    def log(line):
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    return log

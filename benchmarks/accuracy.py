@@ -94,7 +94,7 @@ from speckle_rec.simulate.probe import Probe
 from speckle_rec.threads import set_threads
 from speckle_rec.transforms import globals_from_locals, locals_from_globals, transforms_from_tforms
 
-from _machine import describe, load_average, machine_info
+from _machine import describe, load_average, machine_info, stderr_log
 
 PROTOCOLS = ("rotation", "linear", "c-shape", "s-shape")
 CALIBRATION_SUBJECTS = {"rotation": 900, "linear": 910, "c-shape": 920, "s-shape": 930}
@@ -520,9 +520,7 @@ def main(argv=None):
         parser.error("--calibration-data goes with --data")
     extra = parse_pred(args.pred, parser)
 
-    def log(line):
-        if not args.quiet:
-            print(line, file=sys.stderr, flush=True)
+    log = stderr_log(args.quiet)
 
     threads = set_threads(args.threads)
     machine = machine_info()

@@ -66,7 +66,7 @@ from speckle_rec.simulate.dataset import simulate_dataset
 from speckle_rec.simulate.probe import Probe
 from speckle_rec.threads import available_cores, set_threads
 
-from _machine import describe, load_average, machine_info
+from _machine import describe, load_average, machine_info, stderr_log
 
 STAGES = ("simulate", "pairs", "trajectory", "ddf_naive", "ddf", "ddfs_scan", "evaluate", "predict_ddfs")
 FULL = {"frames": 1600, "height": 480, "width": 640, "sim_frames": 48, "pair_frames": 120, "ddf_frames": 400,
@@ -376,9 +376,7 @@ def main(argv=None):
     if sizes["frames"] < 20 or sizes["height"] < 64 or sizes["width"] < 64:
         parser.error("the scan needs at least 20 frames of 64x64")
 
-    def log(line):
-        if not args.quiet:
-            print(line, file=sys.stderr, flush=True)
+    log = stderr_log(args.quiet)
 
     threads = set_threads(args.threads)
     machine = machine_info()

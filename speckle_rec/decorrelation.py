@@ -51,6 +51,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .errors import DataError
+from .io import read_json
 
 FORMAT = "speckle_rec.decorrelation"
 VERSION = 1
@@ -447,14 +448,7 @@ class DecorrelationModel:
     @classmethod
     def from_json(cls, path):
         """Read a model written by :meth:`to_json`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError("decorrelation model file not found", path) from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read decorrelation model ({exc.__class__.__name__})", path) from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json(path, "decorrelation model file"), source=path)
 
     @classmethod
     def default(cls):

@@ -62,14 +62,13 @@ every time; where the first move is random (fanning, or sweeps parallel to the i
 prior is not decisive and the convention stays.
 """
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+from .io import read_json
 
 MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])
 
@@ -387,13 +386,7 @@ class DirectionPrior:
     @classmethod
     def from_json(cls, path):
         """The ``direction_prior`` of a calibration file from ``speckle-rec calibrate``; None if it has none."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError("calibration file not found", path) from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read calibration file ({exc.__class__.__name__})", path) from None
+        data = read_json(path, "calibration file")
         if not isinstance(data, dict) or "direction_prior" not in data:
             return None
         return cls.from_dict(data["direction_prior"], source=path)

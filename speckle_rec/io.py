@@ -16,6 +16,7 @@ asked for, so a ~500 MB scan is never loaded whole unless the caller wants it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ def open_h5(path, mode="r"):
         raise DataError(f"cannot open HDF5 file ({reason}); truncated or not HDF5?", path) from None
     with handle:
         yield handle
+
+
+def read_json(path, what):
+    """The JSON document in ``path``; a missing or unparsable file is a one-line DataError naming ``what``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{what} not found", path) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {what} ({exc.__class__.__name__})", path) from None
 
 
 def h5_dataset(handle, key, path):
