@@ -37,15 +37,18 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
 5. **Bundle adjustment** then refines every frame with all pairs; it starts from the chained
    signed key steps and keeps their signs.
 
-Measured (simulated scans, ``benchmarks/bench_trajectory.py``)
----------------------------------------------------------------
-Sweeps (linear, C, S; 1000 frames): 92-99 % of the moving frames get the right sign up to the
-global mirror. Rotation protocol: 59-75 % on the scans tried. The rotation protocol returns to the
-upright pose between its phases (fan, rock, spin, fan, rock), and the in-plane "rock" phase moves
-hardly at all out of plane: a phase's mirror relative to the previous one is then barely
-observable (only through pairs that straddle the quiet stretch with small tilts on both sides), so
-each phase boundary is close to a coin flip. Velocity smoothness alone is also close to a coin
-flip at eased stops (tested in ``tests/test_direction.py``); the triplet spans decide those.
+Measured (simulated scans, ``benchmarks/accuracy.py``, 5 scans per protocol)
+-------------------------------------------------------------------------------
+Sweeps (linear, C, S; 1000 frames): 96-98 % of the moving frames get the right sign. Rotation
+protocol: 64-65 % with the right global mirror. The rotation protocol returns to the upright pose
+between its phases (fan, rock, spin, fan, rock), and the in-plane "rock" phase moves hardly at all
+out of plane: a phase's mirror relative to the previous one is then barely observable (only
+through pairs that straddle the quiet stretch with small tilts on both sides), so each phase
+boundary is close to a coin flip. Re-deciding the least certain junctions with such long-range
+pairs (all 2^8 flip patterns scored against their measured ρ) was tried and measured: it helped on
+some scans and cost up to 0.7 of score on others (the long-range ρ favoured wrong patterns), so it
+is not used. Velocity smoothness alone is also close to a coin flip at eased stops (tested in
+``tests/test_direction.py``); the triplet spans decide those.
 
 The global mirror
 -----------------
