@@ -1019,7 +1019,7 @@ def _decide_pivot(meas, rho, theta, free, opts):
     the contact may move a few frames' worth). On a fixed-contact scan that constraint costs
     nothing, and often finds a better fit than the free one (a fan about the skin and a translation
     explain one noisy pair about equally well); on a sweep it costs clearly more (measured on
-    simulated scans: median increase −1.6 to −0.5 on rotation scans, +1.5 to +1.6 on sweeps).
+    simulated scans: median increase −1.6 to +0.06 on rotation scans, +1.45 to +1.6 on sweeps).
     """
     planes, covariance = free
     pivot_planes, pivot_covariance = fit_planes(rho, theta, meas, pivot_sigma_mm=opts["pivot_sigma_mm"] * 4,

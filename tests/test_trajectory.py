@@ -321,3 +321,21 @@ def test_bad_input(frames, kwargs, message):
     with pytest.raises(DataError, match=message) as info:
         T.estimate_trajectory(frames, **arguments)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol, fixed_contact", [("rotation", True), ("linear", False)])
+def test_pivot_is_decided_by_what_it_costs(protocol, fixed_contact):
+    """The skin-contact prior costs nothing on fanning about the contact and clearly more on a sweep."""
+    poses = probe_trajectory(1000, protocol=protocol, probe=MEDIUM, seed=4)[:300]
+    meas = synthetic_measurements(poses, MEDIUM)
+    opts = dict(T.DEFAULT_OPTIONS)
+    keys = T._key_frames(meas, opts["key_rho"])
+    rho = meas.correlate(np.stack([keys[:-1], keys[1:]], axis=1))
+    theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
+    free = T.fit_planes(rho, theta, meas)
+    pivot, planes, _, increase = T._decide_pivot(meas, rho, theta, free, opts)
+    assert pivot == fixed_contact
+    assert (increase < 0.5) == fixed_contact
+    assert (planes is free[0]) != fixed_contact  # the pivot fits replace the free ones only when used
+    forced, _, _, _ = T._decide_pivot(meas, rho, theta, free, dict(opts, pivot=not fixed_contact))
+    assert forced == (not fixed_contact)
