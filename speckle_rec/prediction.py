@@ -6,13 +6,16 @@ Datasets (any subset, at least the transforms or the four DDFs):
   frame i → i−1 (row i−1 is frame i);
 - ``GP``, ``LP``: float32 (N−1, 3, H·W); ``GL``, ``LL``: float32 (3, K), the challenge's DDFs.
 
-Attribute ``wall_time_s``: seconds the method took for the scan, when known. Any method (ours, a
-learned model's ``predict_ddfs`` output, the identity) is compared through this one format.
+Attribute ``wall_time_s``: seconds the method took for the scan, when known; ``diagnostics``: a JSON
+string of the method's notes (speckle_rec writes its stage timings, pivot and sign decisions and
+where its first out-of-plane direction came from). Any method (ours, a learned model's
+``predict_ddfs`` output, the identity) is compared through this one format.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,7 @@ def write_prediction(
     ddf_grid=None,
     landmarks=None,
     wall_time_s=None,
+    diagnostics=None,
     chunk_frames=DEFAULT_CHUNK_FRAMES,
 ):
     """Write one scan's prediction atomically (nothing is left under ``path`` on failure).
@@ -75,6 +79,9 @@ def write_prediction(
         The scan's landmarks, needed with ``ddf_grid``.
     wall_time_s : float, optional
         Seconds taken to predict the scan, stored as an attribute.
+    diagnostics : dict, optional
+        JSON-serialisable notes of the method (speckle_rec: its stage timings, pivot and sign
+        decisions), stored as the JSON attribute ``diagnostics``.
     chunk_frames : int
         Frames per chunk for dense fields.
     """
@@ -131,6 +138,8 @@ def write_prediction(
                 dense[start : start + chunk.shape[0]] = chunk
         if wall_time_s is not None:
             out.attrs["wall_time_s"] = float(wall_time_s)
+        if diagnostics is not None:
+            out.attrs["diagnostics"] = json.dumps(diagnostics)
 
 
 @dataclass
@@ -145,6 +154,7 @@ class Prediction:
     LP: object
     LL: np.ndarray | None
     wall_time_s: float | None
+    diagnostics: dict | None = None
 
     @property
     def has_ddfs(self):
@@ -223,10 +233,16 @@ def open_prediction(path, *, n_frames, n_pixels, n_landmarks):
                     raise DataError(f"{key} contains NaN or inf", path)
                 ddfs[key] = value
         wall = handle.attrs.get("wall_time_s")
+        notes = handle.attrs.get("diagnostics")
+        try:
+            notes = None if notes is None else json.loads(notes)
+        except (TypeError, ValueError):
+            raise DataError("attribute diagnostics is not JSON", path) from None
         yield Prediction(
             path=path,
             global_transforms=transforms.get("global_transforms"),
             local_transforms=transforms.get("local_transforms"),
             wall_time_s=None if wall is None else float(wall),
+            diagnostics=notes,
             **ddfs,
         )

@@ -101,14 +101,17 @@ class ReconstructTask:
     threads: int | None = None
 
     def __call__(self, scan, out_path):
+        from .trajectory import estimate_trajectory
+
         start = time.perf_counter()
         frames = scan.read_frames()
-        direction = 1 if self.direction_prior is None else self.direction_prior.choose(scan.name)[0]
-        frame_to_first, frame_to_previous = reconstruct_scan(
-            frames, spacing_mm=self.calibration.spacing_mm, model=self.model, first_direction=direction,
-            threads=self.threads
-        )
+        direction, basis = (self.direction_prior or DirectionPrior()).choose(scan.name)
+        result = estimate_trajectory(frames, spacing_mm=self.calibration.spacing_mm, model=self.model,
+                                     threads=self.threads, first_direction=direction)
+        frame_to_first, frame_to_previous = result.frame_to_first, result.frame_to_previous
         wall = time.perf_counter() - start
+        diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("key_frames", "key_signs")}
+        diagnostics["signs"]["first_direction_basis"] = basis
         extra = {}
         if self.ddf:
             extra = dict(
@@ -116,7 +119,7 @@ class ReconstructTask:
                 landmarks=scan.read_landmarks(),
             )
         write_prediction(out_path, global_transforms=frame_to_first, local_transforms=frame_to_previous,
-                         wall_time_s=wall, **extra)
+                         wall_time_s=wall, diagnostics=diagnostics, **extra)
         return wall
 
 

@@ -1,3 +1,4 @@
+import h5py
 import numpy as np
 import pytest
 
@@ -18,7 +19,20 @@ def test_transforms_round_trip_and_derived_locals(tmp_path, rng):
     with open_prediction(path, n_frames=8, n_pixels=54, n_landmarks=3) as p:
         np.testing.assert_allclose(p.local_transforms, local, atol=1e-12)
         np.testing.assert_allclose(p.global_transforms, globals_from_locals(local), atol=1e-12)
-        assert p.wall_time_s == 1.5 and not p.has_ddfs
+        assert p.wall_time_s == 1.5 and not p.has_ddfs and p.diagnostics is None
+
+
+def test_diagnostics_round_trip_and_bad_attribute(tmp_path, rng):
+    path = tmp_path / "p.h5"
+    notes = {"pivot": True, "seconds": {"measure": 1.25}, "signs": {"first_direction": -1}}
+    write_prediction(path, global_transforms=random_rigid(rng, 3), diagnostics=notes)
+    with open_prediction(path, n_frames=4, n_pixels=54, n_landmarks=0) as p:
+        assert p.diagnostics == notes
+    with h5py.File(path, "a") as handle:
+        handle.attrs["diagnostics"] = "{not json"
+    with pytest.raises(DataError, match="p.h5: attribute diagnostics is not JSON"):
+        with open_prediction(path, n_frames=4, n_pixels=54, n_landmarks=0):
+            pass
 
 
 def test_ddfs_from_grid_equal_in_memory(tmp_path, rng):

@@ -11,7 +11,7 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.direction import DirectionPrior, first_direction, mirror
 from speckle_rec.errors import DataError
 from speckle_rec.io import ScanData, open_dataset, write_dataset
-from speckle_rec.prediction import prediction_path
+from speckle_rec.prediction import open_prediction, prediction_path
 from speckle_rec.simulate.dataset import simulate_dataset
 from speckle_rec.simulate.probe import Probe
 
@@ -77,6 +77,13 @@ def test_reconstruct_uses_the_calibration_files_prior(sweep_dir, tmp_path, capsy
     assert first_direction(convention, POINTS, threshold_mm=0.5) == 1
     # the same trajectory up to the mirror through frame 0's plane
     np.testing.assert_allclose(with_prior, mirror(convention), atol=1e-6)
+    # the file says how it was made
+    n, h, w = open_dataset(sweep_dir).scans[0].shape()
+    with open_prediction(prediction_path(tmp_path / "prior", "050", "LH_Per_L_DtP"), n_frames=n,
+                         n_pixels=h * w, n_landmarks=0) as prediction:
+        notes = prediction.diagnostics
+    assert notes["signs"]["first_direction"] == -1 and notes["signs"]["first_direction_basis"] == "name"
+    assert notes["pivot"] is False and notes["frames"] == 120 and set(notes["seconds"]) >= {"measure", "adjust"}
     # a rerun skips the finished scan
     assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / "prior"), "--calibration", str(calib)]) == 0
     assert "reconstructed 0 scan(s), skipped 1 finished" in capsys.readouterr().err
