@@ -620,15 +620,18 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts):
 def _initial_poses(meas, keys, planes, signs):
     """(N, 4, 4) frame → frame 0 poses chained from the signed key steps."""
     n = meas.n_frames
+    frames = np.arange(1, n)
+    step = np.searchsorted(keys, frames, side="left") - 1  # key step m holds frames keys[m] + 1 … keys[m + 1]
+    start = keys[step]
+    share = (frames - start) / (keys[step + 1] - start)
+    inplane = meas.inplane_between(start, frames)
+    # every frame's transform from its key step's start frame, in one batch
+    from_start = _step_matrix(inplane, (share * signs[step])[:, None] * planes[step], meas.centroid, meas.moments)
     poses = np.empty((n, 4, 4))
     poses[0] = np.eye(4)
     for m in range(keys.size - 1):
         k0, k1 = keys[m], keys[m + 1]
-        frames = np.arange(k0 + 1, k1 + 1)
-        share = (frames - k0) / (k1 - k0)
-        inplane = meas.inplane_between(np.full(frames.size, k0), frames)
-        plane = share[:, None] * signs[m] * planes[m]
-        poses[frames] = poses[k0] @ _step_matrix(inplane, plane, meas.centroid, meas.moments)
+        poses[k0 + 1:k1 + 1] = poses[k0] @ from_start[k0:k1]
     return poses
 
 
@@ -723,8 +726,9 @@ class _Window:
         """ρ of every patch against the model at |z| (z = n_j · (R_i q + τ_i − τ_j)) and the tilt factor."""
         i, j = self.pp_i, self.pp_j
         nj = rot[j][:, :, 2]  # (M, 3) frame j's normal in frame 0
-        world = np.einsum("mab,pb->mpa", rot[i], self.q) + (tau[i] - tau[j])[:, None, :]  # (M, P, 3)
-        z = np.einsum("ma,mpa->mp", nj, world)
+        rotated = np.matmul(rot[i], self.q.T).transpose(0, 2, 1)  # R_i q, (M, P, 3)
+        world = rotated + (tau[i] - tau[j])[:, None, :]
+        z = np.matmul(world, nj[:, :, None])[..., 0]  # n_j · world per patch
         # tilt: frame j's normal in frame i, n = R_iᵀ n_j → slopes a = −n_x/n_z, b = −n_y/n_z →
         # (α, β) turned by the pair's in-plane angle → per patch α cos φ − β sin φ
         n = np.einsum("mba,mb->ma", rot[i], nj)
@@ -742,7 +746,7 @@ class _Window:
             dr_dz = (-slope / self.rho_sigma).ravel()[self.valid_index]
             dr_dtilt = (expected * tilt * self.tilt_precision / self.rho_sigma).ravel()[self.valid_index]
             m_index, p_index = np.divmod(self.valid_index, self.q.shape[0])
-            a = np.einsum("mab,pb->mpa", rot[i], self.q).reshape(-1, 3)[self.valid_index]
+            a = rotated.reshape(-1, 3)[self.valid_index]
             n_rep = nj[m_index]
             w_rep = world.reshape(-1, 3)[self.valid_index]
             d_i = np.empty((self.n_pp, 6))
