@@ -43,4 +43,3 @@ def test_readme_demo(tmp_path, capsys):
     ours = methods["speckle_rec"]["mean"]["score"]
     assert ours > methods["constant_velocity"]["mean"]["score"]
     assert ours > 0.2
-    assert results["demo"]["seconds"] < 300

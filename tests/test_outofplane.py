@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -346,25 +345,6 @@ def test_measure_pairs_bad_input(rendered):
     assert (single.i, single.j) == (0, 1) and single.rho.shape == single.x_mm.shape
     with pytest.raises(DataError, match="method 'rho' or 'distance'"):
         single.fit_plane(method="median")
-
-
-@pytest.mark.slow
-def test_speed_pairs_per_second(rendered):
-    """Flow + decorrelation throughput at 480x640 (run with ``-m slow -s`` to see the rate).
-
-    The target is 150 pairs/s on 2 free cores; the assertion is a regression guard that also holds
-    on a shared machine (measured 107-177 pairs/s with another process busy on one of 2 cores).
-    """
-    frames, _ = rendered
-    stack = frames[[0, 1, 2, 4, 8]]
-    mask = fan_mask_from_frames(stack)
-    pairs = [(i, j) for i in range(5) for j in range(5) if i != j] * 6
-    measure_pairs(stack, pairs[:4], mask=mask, spacing_mm=SPACING, threads=2)
-    start = time.perf_counter()
-    measure_pairs(stack, pairs, mask=mask, spacing_mm=SPACING, threads=2)
-    rate = len(pairs) / (time.perf_counter() - start)
-    print(f"\n{rate:.0f} frame pairs/s (flow + decorrelation, 480x640, 2 threads)")
-    assert rate >= 80
 
 
 # --------------------------------------------------------------------------- pivot, strides, decorrelated pairs
