@@ -27,7 +27,8 @@ Everything goes through the public path, so any method's prediction folder is sc
    ``--calibration-frames`` frames): the decorrelation model
    (:func:`speckle_rec.calibrate.calibrate_model`, 100 pairs per scan), the first-direction prior
    (:func:`speckle_rec.calibrate.learn_direction_prior`; together what ``speckle-rec calibrate``
-   writes) and the constant-velocity motion. With ``--data``, ``--calibration-data`` plays this role;
+   writes) and the constant-velocity motion; ``--calibrate-per-protocol`` fits each run's model and
+   prior on its own protocol's three scans only. With ``--data``, ``--calibration-data`` plays this role;
    without it the packaged model (or ``--model``) and the +1 direction convention are used and there
    is no constant-velocity row.
 3. **Methods**, each a prediction folder ``OUT/predictions/<run>/<method>/<subject>/<scan>.h5``:
@@ -98,6 +99,7 @@ from _machine import describe, load_average, machine_info, stderr_log
 
 PROTOCOLS = ("rotation", "linear", "c-shape", "s-shape")
 CALIBRATION_SUBJECTS = {"rotation": 900, "linear": 910, "c-shape": 920, "s-shape": 930}
+SCAN_GLOBS = {"rotation": "*_rotation", "linear": "*_L_*", "c-shape": "*_C_*", "s-shape": "*_S_*"}
 CALIBRATION_SCANS = 3  # per protocol: DirectionPrior needs >= 3 scans of a name to be decisive
 OURS = "speckle_rec"
 CONSTANT_VELOCITY = "constant_velocity"
@@ -460,12 +462,16 @@ def data_job(args, given_model, threads, log):
 
 
 def simulated_jobs(args, out, given_model, threads, log):
-    """[(run, dataset, model, calibration locals)] of the simulated runs; one calibration per image size."""
+    """[(run, dataset, model, prior, calibration locals)] of the simulated runs.
+
+    One calibration folder per image size; the model and prior come from all its scans, or with
+    ``--calibrate-per-protocol`` from the scans of the run's protocol only.
+    """
     runs = plan_runs(args)
-    calibrations, jobs = {}, []
+    folders, calibrations, jobs = {}, {}, []
     for run, probe in runs:
         size = (probe.height, probe.width)
-        if size not in calibrations:
+        if size not in folders:
             protocols = [p for p in PROTOCOLS
                          if any(r["protocol"] == p and (q.height, q.width) == size for r, q in runs)]
             root = out / "calibration" / (f"{probe.height}x{probe.width}_{args.calibration_frames}"
@@ -473,16 +479,22 @@ def simulated_jobs(args, out, given_model, threads, log):
             scans = [(p, f"{CALIBRATION_SUBJECTS[p] + k:03d}", args.calibration_seed + 100 * k)
                      for p in protocols for k in range(CALIBRATION_SCANS)]
             simulate_s = simulate_folder(root, scans, probe=probe, n_frames=args.calibration_frames, log=log)
-            model, prior, calibration_locals, info = calibration_job(open_dataset(root), given_model, threads, log,
-                                                                     save=root.with_suffix(".json"))
-            info.update(protocols=protocols, frames=args.calibration_frames, seed=args.calibration_seed,
+            folders[size] = (root, protocols, simulate_s)
+        root, protocols, simulate_s = folders[size]
+        used = [run["protocol"]] if args.calibrate_per_protocol else protocols
+        key = (size, tuple(used))
+        if key not in calibrations:
+            tracked = open_dataset(root, scans=None if used == protocols else f"*/{SCAN_GLOBS[used[0]]}")
+            save = root.parent / f"{root.name}{'_' + used[0] if used != protocols else ''}.json"
+            model, prior, calibration_locals, info = calibration_job(tracked, given_model, threads, log, save=save)
+            info.update(protocols=used, frames=args.calibration_frames, seed=args.calibration_seed,
                         simulate_s=simulate_s)
-            calibrations[size] = (model, prior, calibration_locals, info)
-        model, prior, calibration_locals, info = calibrations[size]
-        root = out / "data" / run["name"]
-        simulate_folder(root, [(run["protocol"], f"{seed:03d}", seed) for seed in args.seeds], probe=probe,
+            calibrations[key] = (model, prior, calibration_locals, info)
+        model, prior, calibration_locals, info = calibrations[key]
+        data = out / "data" / run["name"]
+        simulate_folder(data, [(run["protocol"], f"{seed:03d}", seed) for seed in args.seeds], probe=probe,
                         n_frames=run["frames"], log=log)
-        jobs.append((dict(run, calibration=info), open_dataset(root), model, prior, calibration_locals))
+        jobs.append((dict(run, calibration=info), open_dataset(data), model, prior, calibration_locals))
     return jobs
 
 
@@ -501,6 +513,8 @@ def main(argv=None):
     size.add_argument("--seeds", type=int, nargs="+", default=[1], help="one test scan per seed (default 1)")
     size.add_argument("--calibration-seed", type=int, default=2, help="seed of the calibration scans (default 2)")
     size.add_argument("--calibration-frames", type=int, default=1000, help="frames per calibration scan")
+    size.add_argument("--calibrate-per-protocol", action="store_true",
+                      help="calibrate each run on the calibration scans of its own protocol (default: all of them)")
     parser.add_argument("--data", metavar="DIR", help="an existing tracked data folder instead of simulating")
     parser.add_argument("--calibration-data", metavar="DIR",
                         help="with --data: tracked scans for the decorrelation model and constant velocity")
