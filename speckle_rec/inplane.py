@@ -63,10 +63,12 @@ def check_image(image, *, name):
     return np.ascontiguousarray(array)
 
 
-def check_mask(mask, shape):
-    """Validate a boolean fan mask of image shape ``shape``."""
+def check_mask(mask, shape=None):
+    """Validate a boolean fan mask of image shape ``shape`` (None: any 2D shape)."""
     array = np.asarray(mask)
-    if array.shape != tuple(shape):
+    if shape is None and array.ndim != 2:
+        raise DataError(f"expected mask of shape (H, W), got {array.shape}")
+    if shape is not None and array.shape != tuple(shape):
         raise DataError(f"expected mask of shape {tuple(shape)}, got {array.shape}")
     if array.dtype != bool:
         raise DataError(f"expected a bool mask, got {array.dtype}")

@@ -91,10 +91,7 @@ def patch_grid(mask, *, spacing_mm, patch_mm=(4.0, 4.0), step_mm=None, margin_mm
     DataError
         On a bad mask or sizes, or when no patch fits.
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(f"expected mask of shape (H, W), got {mask.shape}")
-    mask = check_mask(mask, mask.shape)
+    mask = check_mask(mask)
     sx, sy = check_spacing(spacing_mm)
     pw_mm, ph_mm = (float(v) for v in patch_mm)
     sw_mm, sh_mm = (pw_mm, ph_mm) if step_mm is None else (float(v) for v in step_mm)
@@ -149,10 +146,7 @@ def fan_apex_mm(mask, *, spacing_mm, min_half_angle_rad=0.05):
     -------
     (float, float) or None
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(f"expected mask of shape (H, W), got {mask.shape}")
-    mask = check_mask(mask, mask.shape)
+    mask = check_mask(mask)
     sx, sy = check_spacing(spacing_mm)
     rows = np.nonzero(mask.any(axis=1))[0]
     top, bottom = rows.min(), rows.max()
@@ -195,10 +189,7 @@ def fan_contact_mm(mask, *, spacing_mm, apex_mm=None):
     -------
     (float, float)
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(f"expected mask of shape (H, W), got {mask.shape}")
-    mask = check_mask(mask, mask.shape)
+    mask = check_mask(mask)
     sx, sy = check_spacing(spacing_mm)
     if apex_mm is None:
         top = np.nonzero(mask.any(axis=1))[0][0]

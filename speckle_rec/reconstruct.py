@@ -1,6 +1,7 @@
 """Whole-scan reconstruction: frames → transforms → prediction files or challenge DDFs.
 
-- :func:`reconstruct_scan` estimates ``frame_to_first`` and ``frame_to_previous`` of one scan;
+- :func:`reconstruct_scan` estimates ``frame_to_first`` and ``frame_to_previous`` of one scan (with
+  the trajectory's diagnostics);
 - :func:`predict_ddfs` is the drop-in body of the challenge's submission function (CPU, no torch);
 - :func:`reconstruct_dataset` runs every scan of a data folder into a prediction folder: atomic
   writes, finished scans skipped on a rerun, a failing scan reported without stopping the others,
@@ -42,16 +43,16 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threa
 
     Returns
     -------
-    frame_to_first, frame_to_previous : ndarray, shape (N-1, 4, 4), float64
-        Image-mm transforms frame i → 0 and frame i → i−1 (row i−1), consistent by construction.
+    speckle_rec.trajectory.TrajectoryResult
+        ``frame_to_first`` and ``frame_to_previous`` (N-1, 4, 4) float64: image-mm transforms frame
+        i → 0 and frame i → i−1 (row i−1), consistent by construction; and ``diagnostics``.
     """
     from .trajectory import estimate_trajectory
 
     frames = checked_frames(np.asarray(frames), "frames")
     model = DecorrelationModel.default() if model is None else model
-    result = estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads,
-                                 first_direction=first_direction)
-    return result.frame_to_first, result.frame_to_previous
+    return estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads,
+                               first_direction=first_direction)
 
 
 def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=None):
@@ -85,9 +86,9 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
     landmark = check_landmarks(landmark, frames.shape, source="landmark")
     calib = read_calibration(data_path_calib)
     model = None if calibration is None else DecorrelationModel.from_json(calibration)
-    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model)
+    result = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model)
     grid = PixelGrid.from_calibration(calib, frames.shape[1], frames.shape[2])
-    return ddfs_from_transforms(frame_to_first, frame_to_previous, landmark, grid)
+    return ddfs_from_transforms(result.frame_to_first, result.frame_to_previous, landmark, grid)
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,11 @@ class ReconstructTask:
     threads: int | None = None
 
     def __call__(self, scan, out_path):
-        from .trajectory import estimate_trajectory
-
         start = time.perf_counter()
         frames = scan.read_frames()
         direction, basis = (self.direction_prior or DirectionPrior()).choose(scan.name)
-        result = estimate_trajectory(frames, spacing_mm=self.calibration.spacing_mm, model=self.model,
-                                     threads=self.threads, first_direction=direction)
-        frame_to_first, frame_to_previous = result.frame_to_first, result.frame_to_previous
+        result = reconstruct_scan(frames, spacing_mm=self.calibration.spacing_mm, model=self.model,
+                                  first_direction=direction, threads=self.threads)
         wall = time.perf_counter() - start
         diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("key_frames", "key_signs")}
         diagnostics["signs"]["first_direction_basis"] = basis
@@ -118,8 +116,8 @@ class ReconstructTask:
                 ddf_grid=PixelGrid.from_calibration(self.calibration, frames.shape[1], frames.shape[2]),
                 landmarks=scan.read_landmarks(),
             )
-        write_prediction(out_path, global_transforms=frame_to_first, local_transforms=frame_to_previous,
-                         wall_time_s=wall, diagnostics=diagnostics, **extra)
+        write_prediction(out_path, global_transforms=result.frame_to_first,
+                         local_transforms=result.frame_to_previous, wall_time_s=wall, diagnostics=diagnostics, **extra)
         return wall
 
 

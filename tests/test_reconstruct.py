@@ -116,7 +116,8 @@ def test_predict_ddfs_matches_the_reconstructed_transforms(sweep_dir, tmp_path):
     assert gp.shape == lp.shape == (n - 1, 3, h * w) and gl.shape == ll.shape == (3, len(landmarks))
     assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in (gp, gl, lp, ll))
     calibration = dataset.calibration()
-    frame_to_first, frame_to_previous = reconstruct_scan(frames, spacing_mm=calibration.spacing_mm)
+    result = reconstruct_scan(frames, spacing_mm=calibration.spacing_mm)
+    frame_to_first, frame_to_previous = result.frame_to_first, result.frame_to_previous
     grid = PixelGrid.from_calibration(calibration, h, w)
     np.testing.assert_allclose(gp, pixel_ddfs(frame_to_first, grid), atol=1e-4)
     np.testing.assert_allclose(lp, pixel_ddfs(frame_to_previous, grid), atol=1e-4)
