@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .calibration import read_calibration
-from .ddf import PixelGrid, ddfs_from_transforms
+from .ddf import PixelGrid, PrefaultedOutputs, ddfs_from_transforms
 from .decorrelation import DecorrelationModel
 from .direction import DirectionPrior
 from .batch import ALL_KEYS, TRANSFORM_KEYS, run_scans
@@ -86,9 +86,17 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
     landmark = check_landmarks(landmark, frames.shape, source="landmark")
     calib = read_calibration(data_path_calib)
     model = None if calibration is None else DecorrelationModel.from_json(calibration)
-    result = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model)
-    grid = PixelGrid.from_calibration(calib, frames.shape[1], frames.shape[2])
-    return ddfs_from_transforms(result.frame_to_first, result.frame_to_previous, landmark, grid)
+    n, height, width = frames.shape
+    grid = PixelGrid(height, width, calib.spacing_mm)
+    # GP and LP are 2 x 5.9 GB at 1600 x 480 x 640: their page faults overlap the estimation
+    outputs = PrefaultedOutputs([(n - 1, 3, height * width)] * 2)
+    try:
+        result = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model)
+    except BaseException:
+        outputs.cancel()
+        raise
+    return ddfs_from_transforms(result.frame_to_first, result.frame_to_previous, landmark, grid,
+                                out=outputs.arrays())
 
 
 @dataclass(frozen=True)

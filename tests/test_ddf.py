@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from speckle_rec.ddf import PixelGrid, ddfs_from_transforms, landmark_ddfs, pixel_ddfs
+from speckle_rec.ddf import PixelGrid, PrefaultedOutputs, ddfs_from_transforms, landmark_ddfs, pixel_ddfs
 from speckle_rec.errors import DataError
 
 from .conftest import random_landmarks, random_rigid
@@ -88,6 +88,28 @@ def test_four_outputs(rng):
     assert gp.shape == lp.shape == (4, 3, 60) and gl.shape == ll.shape == (3, 7)
     assert all(a.dtype == np.float32 for a in (gp, gl, lp, ll))
     np.testing.assert_allclose(ll, reference_landmark_ddf(loc, lm, SPACING), atol=2e-5)
+
+
+def test_outputs_into_prefaulted_arrays(rng):
+    grid = PixelGrid(7, 600, SPACING)  # 4200 px: pages of each frame row touched by the thread
+    g, loc = random_rigid(rng, 5), random_rigid(rng, 5)
+    lm = random_landmarks(rng, 5, 7, 600, 3)
+    outputs = PrefaultedOutputs([(5, 3, grid.n_pixels)] * 2)
+    gp_out, lp_out = outputs.arrays()
+    assert gp_out.dtype == lp_out.dtype == np.float32 and gp_out.shape == (5, 3, 4200)
+    gp, gl, lp, ll = ddfs_from_transforms(g, loc, lm, grid, out=(gp_out, lp_out))
+    assert gp is gp_out and lp is lp_out
+    expected = ddfs_from_transforms(g, loc, lm, grid)
+    for got, want in zip((gp, gl, lp, ll), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_prefaulted_outputs_cancel():
+    import threading
+
+    outputs = PrefaultedOutputs([(64, 3, 1 << 16)])
+    outputs.cancel()
+    assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
 
 
 def test_bad_input(rng):

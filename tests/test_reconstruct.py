@@ -136,3 +136,20 @@ def test_predict_ddfs_matches_the_reconstructed_transforms(sweep_dir, tmp_path):
     bad[0, 0] = 0
     with pytest.raises(DataError, match="landmark"):
         speckle_rec.predict_ddfs(frames, bad, str(calib_csv))
+
+
+def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
+    import threading
+
+    import speckle_rec
+    from speckle_rec import reconstruct
+
+    def failing(*args, **kwargs):
+        raise DataError("estimation failed")
+
+    monkeypatch.setattr(reconstruct, "reconstruct_scan", failing)
+    scan = open_dataset(sweep_dir).scans[0]
+    frames, landmarks = scan.read_frames()[:20], scan.read_landmarks()
+    with pytest.raises(DataError, match="estimation failed"):
+        speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"))
+    assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
