@@ -38,7 +38,9 @@ stage's inputs, e.g. the frames):
   the scan (the identity row is always added).
 - ``predict_ddfs``: :func:`speckle_rec.predict_ddfs` end to end on the scan (frames already in
   memory, as the challenge's ``test.py`` times it; after a warm-up call on 24 frames that loads the
-  compiled kernels), GP, GL, LP, LL included: roughly the ``trajectory`` total plus ``ddfs_scan``.
+  compiled kernels), GP, GL, LP, LL included: less than the ``trajectory`` total plus
+  ``ddfs_scan``, because GP and LP are faulted in on a low-priority thread during the estimation
+  (:class:`speckle_rec.ddf.PrefaultedOutputs`).
   Called twice in a row in one process, as ``test.py`` calls it scan after scan: the first call's
   output is fresh memory, the second's is memory the process had already used.
   Target <= 30 s for a 1600-frame 480x640 scan on 2 cores.

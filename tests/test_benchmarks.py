@@ -96,3 +96,37 @@ def test_speed_stage_in_a_fresh_process(scripts):
     assert error is None
     (row,) = rows
     assert row["stage"] == "ddf" and row["items"] == 4 and finite(row["seconds"]) and row["peak_rss_mib"] > 0
+
+
+def test_trajectory_options_compares_variants(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import trajectory_options
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from speckle_rec.decorrelation import DecorrelationModel
+    from speckle_rec.simulate.dataset import simulate_dataset
+    from speckle_rec.simulate.probe import Probe
+
+    data = tmp_path / "linear"
+    simulate_dataset(data, protocol="linear", n_frames=60, probe=Probe.fit_image(120, 160), seed=3,
+                     hands=("LH",), planes=("Per",), directions=("DtP",))
+    model = tmp_path / "model.json"
+    DecorrelationModel.default().to_json(model)
+    out = tmp_path / "options.json"
+    args = [str(data), "--model", str(model), "--variant", "short:window=20,overlap=5", "--json", str(out), "--quiet"]
+    assert trajectory_options.main(args) == 0
+    report = json.loads(out.read_text())
+    assert [row["variant"] for row in report["rows"]] == ["default", "short"]
+    (scan,) = report["scans"][str(data)].values()
+    for numbers in scan.values():
+        assert math.isfinite(numbers["score"]) and 0.0 <= numbers["sign_accuracy"] <= 1.0
+        assert numbers["scale"] is None or math.isfinite(numbers["scale"])
+    assert trajectory_options.main(args[:3] + ["--from-truth", "--quiet"]) == 0
+    assert "from the true poses" in capsys.readouterr().out
+    capsys.readouterr()
+    for bad, message in (("default:window=20", "other than 'default'"), ("x:window", "expected KEY=VALUE"),
+                         ("x:window=twenty", "not a Python literal"), ("x:windw=20", "unknown option 'windw'")):
+        with pytest.raises(SystemExit):
+            trajectory_options.main([str(data), "--model", str(model), "--variant", bad])
+        assert message in capsys.readouterr().err

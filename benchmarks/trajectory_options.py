@@ -1,0 +1,189 @@
+"""Trajectory settings side by side on tracked folders: drift, travel scale, sign accuracy, score.
+
+Usage:
+    python benchmarks/trajectory_options.py DATA_DIR [DATA_DIR ...] --model CALIB.json
+        [--variant NAME:KEY=VALUE,... ...] [--from-truth] [--threads 2] [--json FILE]
+
+    # e.g. on the folders benchmarks/accuracy.py --out acc keeps:
+    python benchmarks/trajectory_options.py acc/data/*_240x320_1000 \\
+        --model acc/calibration/240x320_1000_seed2.json \\
+        --variant "A:f_scale=10,acceleration_mm=3" --variant "B:f_scale=100,acceleration_mm=10"
+
+For tuning the trajectory (:mod:`speckle_rec.trajectory`), not for reporting a method: each scan
+is measured once (flow and patch correlations), then stages 2-5 run for the default settings
+("default", always first) and for each ``--variant``. A variant sets any of ``DEFAULT_OPTIONS``
+(values are Python literals) and, with ``model=FILE``, its own decorrelation curves.
+
+Per scan and variant, with the mirror set to the truth's (an oracle: it isolates everything else):
+- ``drift_percent``: final-frame error of the image centre as a percentage of its true travel
+  (as in ``benchmarks/accuracy.py``; sweeps only, None below 20 mm of travel);
+- ``scale``: the centre's estimated net out-of-plane travel over the true one (1 is unbiased);
+- ``sign_accuracy``: moving frames whose out-of-plane step has the true sign (``accuracy.py``'s rule);
+- ``score``: the 2025 final score against the identity.
+
+``--from-truth`` starts the bundle adjustment at the true poses instead (no pivot prior, no sign
+stage): whatever it then moves away from the truth is the adjustment's own bias.
+Prints one table (mean per folder and variant); ``--json FILE`` writes every per-scan number.
+"""
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from accuracy import ScanGeometry, sign_and_drift
+from cli.output import format_table, write_json
+from speckle_rec import trajectory
+from speckle_rec.decorrelation import DecorrelationModel
+from speckle_rec.direction import first_direction, mirror
+from speckle_rec.errors import DataError
+from speckle_rec.evaluate import ScanTruth
+from speckle_rec.inplane import fan_mask_from_frames
+from speckle_rec.io import open_dataset
+from speckle_rec.metrics import scores_2025
+from speckle_rec.threads import set_threads
+from speckle_rec.transforms import locals_from_globals
+
+from _machine import describe, machine_info, stderr_log
+
+DEFAULT = "default"
+
+
+def parse_variant(text, parser):
+    """'NAME:KEY=VALUE,...' → (name, options, model path or None)."""
+    name, _, settings = text.partition(":")
+    if not name or name == DEFAULT:
+        parser.error(f"expected --variant NAME:KEY=VALUE,... with a NAME other than '{DEFAULT}', got '{text}'")
+    options, model = {}, None
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            parser.error(f"--variant {name}: expected KEY=VALUE, got '{item}'")
+        if key == "model":
+            model = value
+            continue
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--variant {name}: {key}={value} is not a Python literal")
+    return name, options, model
+
+
+def motion_numbers(truth, geometry, frame_to_first, identity_errors):
+    """Drift, travel scale, sign accuracy and score of one estimate (already mirrored like the truth)."""
+    frame_to_previous = locals_from_globals(frame_to_first)
+    true_z = geometry.elevation(truth.frame_to_previous)
+    est_z = geometry.elevation(frame_to_previous)
+    numbers = sign_and_drift((true_z, geometry.centre_end(truth.frame_to_first)),
+                             (est_z, geometry.centre_end(frame_to_first)))
+    centre = geometry.anchor_k.size // 2  # the middle anchor: centre column, centre row of the fan
+    true_travel = true_z[:, centre].sum()
+    numbers["scale"] = float(est_z[:, centre].sum() / true_travel) if abs(true_travel) > 1e-9 else None
+    errors = truth.errors_of_transforms(frame_to_first, frame_to_previous)
+    numbers["score"] = float(scores_2025(errors, identity_errors)["score"])
+    return numbers
+
+
+def run_scan(scan, calibration, variants, *, from_truth, threads):
+    truth = ScanTruth.load(scan, calibration)
+    geometry = ScanGeometry(scan, truth.grid)
+    eye = np.tile(np.eye(4), (truth.n_frames - 1, 1, 1))
+    identity_errors = truth.errors_of_transforms(eye, eye)
+    frames = scan.read_frames()
+    mask = fan_mask_from_frames(frames)
+    first_model = variants[0][2]
+    meas = trajectory._measure(frames, mask, calibration.spacing_mm, first_model, trajectory._check_options({}),
+                               threads, False)
+    points = np.stack([meas.grid.x_mm, meas.grid.y_mm], axis=1)
+    true_direction = first_direction(truth.frame_to_first, points)
+    out = {}
+    for name, options, model in variants:
+        if (model.patch_mm, model.smooth_px) != (first_model.patch_mm, first_model.smooth_px):
+            raise SystemExit(f"variant {name}: its model measures with other patches or smoothing than the first")
+        meas.model = model
+        opts = trajectory._check_options(dict(options, first_direction=None))
+        start = time.perf_counter()
+        if from_truth:
+            poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
+            frame_to_first = trajectory._bundle_adjust(meas, poses, opts, False, False)[0][1:]
+        else:
+            frame_to_first = trajectory._estimate(meas, opts, False, {}).frame_to_first
+        if first_direction(frame_to_first, points) != true_direction:
+            frame_to_first = mirror(frame_to_first)
+        out[name] = dict(motion_numbers(truth, geometry, frame_to_first, identity_errors),
+                         seconds=time.perf_counter() - start)
+    return out
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data", nargs="+", help="tracked data folders with landmarks (e.g. acc/data/<run>)")
+    parser.add_argument("--model", required=True, help="calibration or model JSON for the default settings")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="settings to compare (repeatable); model=FILE sets its curves")
+    parser.add_argument("--from-truth", action="store_true", help="start the bundle adjustment at the true poses")
+    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
+    parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    log = stderr_log(args.quiet)
+    parsed = [parse_variant(v, parser) for v in args.variant]
+    names = [DEFAULT] + [name for name, _, _ in parsed]
+    if len(set(names)) != len(names):
+        parser.error("variant names must be unique")
+    for name, options, _ in parsed:  # unknown or bad options fail before any work
+        try:
+            trajectory._check_options(options)
+        except DataError as error:
+            parser.error(f"--variant {name}: {error}")
+    variants = [(DEFAULT, {}, DecorrelationModel.from_json(args.model))]
+    variants += [(name, options, DecorrelationModel.from_json(path or args.model)) for name, options, path in parsed]
+    threads = set_threads(args.threads)
+    machine = machine_info()
+    started = time.perf_counter()
+    results, rows = {}, []
+    for folder in args.data:
+        dataset = open_dataset(folder)
+        calibration = dataset.calibration()
+        per_scan = {}
+        for scan in dataset.scans:
+            per_scan[scan.key] = run_scan(scan, calibration, variants, from_truth=args.from_truth, threads=threads)
+            log(f"{Path(folder).name} {scan.key}: " + ", ".join(
+                f"{name} drift {_fmt(v['drift_percent'])} scale {_fmt(v['scale'], 3)} score {v['score']:.3f}"
+                for name, v in per_scan[scan.key].items()))
+        results[str(folder)] = per_scan
+        for name in names:
+            values = [entry[name] for entry in per_scan.values()]
+            rows.append({"data": Path(folder).name, "variant": name, "scans": len(values),
+                         **{k: _mean([v[k] for v in values])
+                            for k in ("score", "drift_percent", "scale", "sign_accuracy", "seconds")}})
+    columns = [("data", "data", None), ("variant", "variant", None), ("scans", "scans", None),
+               ("score", "score", 3), ("drift_percent", "drift %", 2), ("scale", "scale", 3),
+               ("sign_accuracy", "sign", 3), ("seconds", "s/scan", 1)]
+    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(format_table([title for _, title, _ in columns],
+                       [[_fmt(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]))
+    print(f"{'bundle adjustment from the true poses; ' if args.from_truth else ''}"
+          f"{time.perf_counter() - started:.0f} s in all")
+    if args.json:
+        write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "from_truth": args.from_truth,
+                               "variants": {name: {"options": options, "model": path or args.model}
+                                            for name, options, path in [(DEFAULT, {}, None)] + parsed},
+                               "rows": rows, "scans": results})
+    return 0
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
