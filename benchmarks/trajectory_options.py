@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/trajectory_options.py DATA_DIR [DATA_DIR ...] --model CALIB.json
-        [--variant NAME:KEY=VALUE,... ...] [--from-truth] [--threads 2] [--json FILE]
+        [--variant NAME:KEY=VALUE,... ...] [--start estimate|oracle-signs|truth] [--threads 2] [--json FILE]
 
     # e.g. on the folders benchmarks/accuracy.py --out acc keeps:
     python benchmarks/trajectory_options.py acc/data/*_240x320_1000 \\
@@ -12,17 +12,24 @@ Usage:
 For tuning the trajectory (:mod:`speckle_rec.trajectory`), not for reporting a method: each scan
 is measured once (flow and patch correlations), then stages 2-5 run for the default settings
 ("default", always first) and for each ``--variant``. A variant sets any of ``DEFAULT_OPTIONS``
-(values are Python literals) and, with ``model=FILE``, its own decorrelation curves.
+(values are Python literals) and, with ``model=FILE``, its own decorrelation curves;
+``max_iterations=0`` shows the chained key steps before the bundle adjustment.
 
 Per scan and variant, with the mirror set to the truth's (an oracle: it isolates everything else):
 - ``drift_percent``: final-frame error of the image centre as a percentage of its true travel
   (as in ``benchmarks/accuracy.py``; sweeps only, None below 20 mm of travel);
-- ``scale``: the centre's estimated net out-of-plane travel over the true one (1 is unbiased);
+- ``scale``: the centre's estimated net out-of-plane travel over the true one (1 is unbiased;
+  None below 20 mm of true net travel, e.g. on rotation scans, which go back and forth);
 - ``sign_accuracy``: moving frames whose out-of-plane step has the true sign (``accuracy.py``'s rule);
 - ``score``: the 2025 final score against the identity.
 
-``--from-truth`` starts the bundle adjustment at the true poses instead (no pivot prior, no sign
-stage): whatever it then moves away from the truth is the adjustment's own bias.
+``--start`` chooses what the bundle adjustment starts from:
+- ``estimate`` (default): the method as it runs;
+- ``oracle-signs``: the key steps with the signs the truth gives them (each key step's fitted
+  |plane| turned to agree with the true step at the anchors), then as the method: what the sign
+  stage costs;
+- ``truth``: the true poses (no pivot prior, no sign stage): whatever the adjustment then moves
+  away from the truth is its own bias.
 Prints one table (mean per folder and variant); ``--json FILE`` writes every per-scan number.
 """
 
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy import ScanGeometry, sign_and_drift
+from accuracy import SWEEP_MM, ScanGeometry, sign_and_drift
 from cli.output import format_table, write_json
 from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
@@ -80,14 +87,28 @@ def motion_numbers(truth, geometry, frame_to_first, identity_errors):
     numbers = sign_and_drift((true_z, geometry.centre_end(truth.frame_to_first)),
                              (est_z, geometry.centre_end(frame_to_first)))
     centre = geometry.anchor_k.size // 2  # the middle anchor: centre column, centre row of the fan
-    true_travel = true_z[:, centre].sum()
-    numbers["scale"] = float(est_z[:, centre].sum() / true_travel) if abs(true_travel) > 1e-9 else None
+    true_travel = true_z[:, centre].sum()  # back and forth (rotation scans) nets out: no scale then
+    numbers["scale"] = float(est_z[:, centre].sum() / true_travel) if abs(true_travel) >= SWEEP_MM else None
     errors = truth.errors_of_transforms(frame_to_first, frame_to_previous)
     numbers["score"] = float(scores_2025(errors, identity_errors)["score"])
     return numbers
 
 
-def run_scan(scan, calibration, variants, *, from_truth, threads):
+def true_key_signs(meas, truth):
+    """``sign_oracle`` for :func:`speckle_rec.trajectory._estimate`: the sign of each key step's
+    |plane| that agrees with the true step at the anchors."""
+    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
+    anchors = trajectory._anchor_design(meas)
+
+    def oracle(keys, planes):
+        true_steps = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+        agreement = np.sum((true_steps @ anchors.T) * (planes @ anchors.T), axis=1)
+        return np.where(agreement < 0, -1.0, 1.0)
+
+    return oracle
+
+
+def run_scan(scan, calibration, variants, *, start_from, threads):
     truth = ScanTruth.load(scan, calibration)
     geometry = ScanGeometry(scan, truth.grid)
     eye = np.tile(np.eye(4), (truth.n_frames - 1, 1, 1))
@@ -106,11 +127,12 @@ def run_scan(scan, calibration, variants, *, from_truth, threads):
         meas.model = model
         opts = trajectory._check_options(dict(options, first_direction=None))
         start = time.perf_counter()
-        if from_truth:
+        if start_from == "truth":
             poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
             frame_to_first = trajectory._bundle_adjust(meas, poses, opts, False, False)[0][1:]
         else:
-            frame_to_first = trajectory._estimate(meas, opts, False, {}).frame_to_first
+            oracle = true_key_signs(meas, truth) if start_from == "oracle-signs" else None
+            frame_to_first = trajectory._estimate(meas, opts, False, {}, sign_oracle=oracle).frame_to_first
         if first_direction(frame_to_first, points) != true_direction:
             frame_to_first = mirror(frame_to_first)
         out[name] = dict(motion_numbers(truth, geometry, frame_to_first, identity_errors),
@@ -129,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="calibration or model JSON for the default settings")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="settings to compare (repeatable); model=FILE sets its curves")
-    parser.add_argument("--from-truth", action="store_true", help="start the bundle adjustment at the true poses")
+    parser.add_argument("--start", choices=("estimate", "oracle-signs", "truth"), default="estimate",
+                        help="what the bundle adjustment starts from (default: the method's estimate)")
     parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
     parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -155,7 +178,7 @@ def main(argv=None):
         calibration = dataset.calibration()
         per_scan = {}
         for scan in dataset.scans:
-            per_scan[scan.key] = run_scan(scan, calibration, variants, from_truth=args.from_truth, threads=threads)
+            per_scan[scan.key] = run_scan(scan, calibration, variants, start_from=args.start, threads=threads)
             log(f"{Path(folder).name} {scan.key}: " + ", ".join(
                 f"{name} drift {_fmt(v['drift_percent'])} scale {_fmt(v['scale'], 3)} score {v['score']:.3f}"
                 for name, v in per_scan[scan.key].items()))
@@ -171,10 +194,9 @@ def main(argv=None):
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
     print(format_table([title for _, title, _ in columns],
                        [[_fmt(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]))
-    print(f"{'bundle adjustment from the true poses; ' if args.from_truth else ''}"
-          f"{time.perf_counter() - started:.0f} s in all")
+    print(f"bundle adjustment started from: {args.start}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
-        write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "from_truth": args.from_truth,
+        write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "start": args.start,
                                "variants": {name: {"options": options, "model": path or args.model}
                                             for name, options, path in [(DEFAULT, {}, None)] + parsed},
                                "rows": rows, "scans": results})

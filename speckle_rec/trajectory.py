@@ -1086,8 +1086,12 @@ def estimate_trajectory(frames, *, spacing_mm, model, mask=None, threads=None, p
     return _estimate(meas, opts, progress, {"measure": time.perf_counter() - clock})
 
 
-def _estimate(meas, opts, progress, seconds):
-    """Stages 2-5 on measurements (real, or synthetic in tests)."""
+def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
+    """Stages 2-5 on measurements (real, or synthetic in tests).
+
+    ``sign_oracle(keys, planes) -> signs`` replaces the key-step signs (diagnostics with the truth:
+    ``benchmarks/trajectory_options.py --oracle-signs``).
+    """
     clock = time.perf_counter()
     keys = _key_frames(meas, opts["key_rho"])
     step_pairs = np.stack([keys[:-1], keys[1:]], axis=1)
@@ -1096,6 +1100,8 @@ def _estimate(meas, opts, progress, seconds):
     free = fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])
     pivot, planes, covariance, pivot_cost = _decide_pivot(meas, step_rho, step_theta, free, opts)
     signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts)
+    if sign_oracle is not None:
+        signs = np.asarray(sign_oracle(keys, planes), dtype=np.float64)
     seconds["signs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -122,8 +122,9 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
     for numbers in scan.values():
         assert math.isfinite(numbers["score"]) and 0.0 <= numbers["sign_accuracy"] <= 1.0
         assert numbers["scale"] is None or math.isfinite(numbers["scale"])
-    assert trajectory_options.main(args[:3] + ["--from-truth", "--quiet"]) == 0
-    assert "from the true poses" in capsys.readouterr().out
+    for start in ("truth", "oracle-signs"):
+        assert trajectory_options.main(args[:3] + ["--start", start, "--quiet"]) == 0
+        assert f"started from: {start}" in capsys.readouterr().out
     capsys.readouterr()
     for bad, message in (("default:window=20", "other than 'default'"), ("x:window", "expected KEY=VALUE"),
                          ("x:window=twenty", "not a Python literal"), ("x:windw=20", "unknown option 'windw'")):
