@@ -1090,7 +1090,7 @@ def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
     """Stages 2-5 on measurements (real, or synthetic in tests).
 
     ``sign_oracle(keys, planes) -> signs`` replaces the key-step signs (diagnostics with the truth:
-    ``benchmarks/trajectory_options.py --oracle-signs``).
+    ``benchmarks/trajectory_options.py --start oracle-signs``).
     """
     clock = time.perf_counter()
     keys = _key_frames(meas, opts["key_rho"])
