@@ -21,7 +21,9 @@ Per scan and variant, with the mirror set to the truth's (an oracle: it isolates
 - ``scale``: the centre's estimated net out-of-plane travel over the true one (1 is unbiased;
   None below 20 mm of true net travel, e.g. on rotation scans, which go back and forth);
 - ``sign_accuracy``: moving frames whose out-of-plane step has the true sign (``accuracy.py``'s rule);
-- ``score``: the 2025 final score against the identity.
+- ``score``: the 2025 final score against the identity;
+- ``final_rotation_error_deg`` (JSON only): the last frame's orientation error, a rotation vector
+  in its image axes (x, y, z), degrees.
 
 ``--start`` chooses what the bundle adjustment starts from:
 - ``estimate`` (default): the method as it runs;
@@ -40,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from accuracy import SWEEP_MM, ScanGeometry, sign_and_drift
 from cli.output import format_table, write_json
@@ -89,6 +92,9 @@ def motion_numbers(truth, geometry, frame_to_first, identity_errors):
     centre = geometry.anchor_k.size // 2  # the middle anchor: centre column, centre row of the fan
     true_travel = true_z[:, centre].sum()  # back and forth (rotation scans) nets out: no scale then
     numbers["scale"] = float(est_z[:, centre].sum() / true_travel) if abs(true_travel) >= SWEEP_MM else None
+    # the last frame's orientation error as a rotation vector in its image axes (x, y, z), degrees
+    wrong = truth.frame_to_first[-1, :3, :3].T @ frame_to_first[-1, :3, :3]
+    numbers["final_rotation_error_deg"] = np.degrees(Rotation.from_matrix(wrong).as_rotvec()).round(2).tolist()
     errors = truth.errors_of_transforms(frame_to_first, frame_to_previous)
     numbers["score"] = float(scores_2025(errors, identity_errors)["score"])
     return numbers

@@ -122,6 +122,7 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
     for numbers in scan.values():
         assert math.isfinite(numbers["score"]) and 0.0 <= numbers["sign_accuracy"] <= 1.0
         assert numbers["scale"] is None or math.isfinite(numbers["scale"])
+        assert len(numbers["final_rotation_error_deg"]) == 3
     for start in ("truth", "oracle-signs"):
         assert trajectory_options.main(args[:3] + ["--start", start, "--quiet"]) == 0
         assert f"started from: {start}" in capsys.readouterr().out
