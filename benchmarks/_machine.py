@@ -1,12 +1,16 @@
 """The machine a benchmark ran on: cores, memory, load average and library versions (shared by the scripts).
 
 Benchmarks on the project's shared machines are only comparable with the load they ran under, so every
-script prints :func:`describe` with its table and stores :func:`machine_info` in its JSON.
+script prints :func:`describe` with its table and stores :func:`machine_info` in its JSON. The scripts'
+other shared plumbing (progress lines, the work folder) lives here too.
 """
 
+import contextlib
 import os
 import platform
 import sys
+import tempfile
+from pathlib import Path
 
 
 def machine_info():
@@ -59,3 +63,13 @@ def stderr_log(quiet):
             print(line, file=sys.stderr, flush=True)
 
     return log
+
+
+@contextlib.contextmanager
+def work_folder(path, prefix):
+    """``Path(path)`` (kept), or a temporary folder named ``prefix…`` that is removed on exit when ``path`` is None."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        yield Path(name)

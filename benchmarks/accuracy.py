@@ -72,7 +72,6 @@ import argparse
 import math
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +94,7 @@ from speckle_rec.simulate.probe import Probe
 from speckle_rec.threads import set_threads
 from speckle_rec.transforms import globals_from_locals, locals_from_globals, transforms_from_tforms
 
-from _machine import describe, load_average, machine_info, stderr_log
+from _machine import describe, load_average, machine_info, stderr_log, work_folder
 
 PROTOCOLS = ("rotation", "linear", "c-shape", "s-shape")
 CALIBRATION_SUBJECTS = {"rotation": 900, "linear": 910, "c-shape": 920, "s-shape": 930}
@@ -542,13 +541,7 @@ def main(argv=None):
     command = " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": f"python benchmarks/accuracy.py {command}", "machine": machine, "threads": threads,
               "options": vars(args), "runs": []}
-    temporary = None
-    if args.out is None:
-        temporary = tempfile.TemporaryDirectory(prefix="speckle_rec_accuracy_")
-        out = Path(temporary.name)
-    else:
-        out = Path(args.out)
-    try:
+    with work_folder(args.out, "speckle_rec_accuracy_") as out:
         given_model = DecorrelationModel.from_json(args.model) if args.model else None
         if args.data:
             jobs = [data_job(args, given_model, threads, log)]
@@ -567,9 +560,6 @@ def main(argv=None):
             all_rows += rows
             records += table
             report["runs"].append(entry)
-    finally:
-        if temporary is not None:
-            temporary.cleanup()
     load_end = load_average()
     report.update(table=records, load_average_end=load_end, seconds=time.perf_counter() - started)
     print(describe(machine, load_end=load_end) + f"; {threads} thread(s)")

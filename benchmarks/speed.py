@@ -54,10 +54,8 @@ import multiprocessing
 import os
 import resource
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -68,7 +66,7 @@ from speckle_rec.simulate.dataset import simulate_dataset
 from speckle_rec.simulate.probe import Probe
 from speckle_rec.threads import available_cores, set_threads
 
-from _machine import describe, load_average, machine_info, stderr_log
+from _machine import describe, load_average, machine_info, stderr_log, work_folder
 
 STAGES = ("simulate", "pairs", "trajectory", "ddf_naive", "ddf", "ddfs_scan", "evaluate", "predict_ddfs")
 FULL = {"frames": 1600, "height": 480, "width": 640, "sim_frames": 48, "pair_frames": 120, "ddf_frames": 400,
@@ -383,13 +381,7 @@ def main(argv=None):
     threads = set_threads(args.threads)
     machine = machine_info()
     started = time.perf_counter()
-    temporary = None
-    if args.work is None:
-        temporary = tempfile.TemporaryDirectory(prefix="speckle_rec_speed_")
-        work = Path(temporary.name)
-    else:
-        work = Path(args.work)
-    try:
+    with work_folder(args.work, "speckle_rec_speed_") as work:
         data = work / f"rotation_{sizes['height']}x{sizes['width']}_{sizes['frames']}"
         setup_s = prepare_scan(data, n_frames=sizes["frames"], height=sizes["height"], width=sizes["width"], log=log)
         prediction = work / "prediction_identity"
@@ -407,9 +399,6 @@ def main(argv=None):
                 log(f"stage {name} failed: {error}")
             rows += stage_rows
             log(f"stage {name}: {time.perf_counter() - start:.1f} s")
-    finally:
-        if temporary is not None:
-            temporary.cleanup()
     naive = next((r for r in rows if r["stage"] == "ddf_naive"), None)
     for row in rows:
         if row["stage"] == "ddf" and naive is not None:
