@@ -87,7 +87,7 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
     calib = read_calibration(data_path_calib)
     model = None if calibration is None else DecorrelationModel.from_json(calibration)
     n, height, width = frames.shape
-    grid = PixelGrid(height, width, calib.spacing_mm)
+    grid = PixelGrid.from_calibration(calib, height, width)
     # GP and LP are 2 x 5.9 GB at 1600 x 480 x 640: their page faults overlap the estimation
     outputs = PrefaultedOutputs([(n - 1, 3, height * width)] * 2)
     try:
