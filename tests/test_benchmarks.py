@@ -132,3 +132,58 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
         with pytest.raises(SystemExit):
             trajectory_options.main([str(data), "--model", str(model), "--variant", bad])
         assert message in capsys.readouterr().err
+
+
+def _import_revisits():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import revisits
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return revisits
+
+
+def test_revisit_descriptor_compensates_the_in_plane_chain():
+    import cv2
+
+    revisits = _import_revisits()
+    rng = np.random.default_rng(5)
+    spacing = (0.3, 0.3)
+    base = cv2.GaussianBlur(rng.uniform(0, 255, (200, 240)).astype(np.float32), (0, 0), 1.0)
+    shift_px = 6
+    # frame 1 sees frame 0's content 6 px (1.8 mm) further right; frame 2 is unrelated texture
+    stack = np.stack([base, np.roll(base, shift_px, axis=1),
+                      cv2.GaussianBlur(rng.uniform(0, 255, (200, 240)).astype(np.float32), (0, 0), 1.0)])
+    mask = np.zeros((200, 240), bool)
+    mask[10:190, 20:220] = True
+    chain = np.tile(np.eye(3), (3, 1, 1))
+    chain[1, 0, 2] = -shift_px * spacing[0]  # frame-1 mm → frame-0 mm
+    corr = revisits.descriptor_correlation(stack, mask, chain, spacing, np.arange(3))
+    assert np.allclose(np.diag(corr), 1.0)
+    assert corr[0, 1] > 0.95 and abs(corr[0, 2]) < 0.2
+    uncompensated = revisits.descriptor_correlation(stack, mask, np.tile(np.eye(3), (3, 1, 1)), spacing,
+                                                    np.arange(3))
+    assert uncompensated[0, 1] < 0.5
+
+
+def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
+    from speckle_rec.simulate.dataset import simulate_dataset
+    from speckle_rec.simulate.probe import Probe
+
+    revisits = _import_revisits()
+    data = tmp_path / "rotation"
+    simulate_dataset(data, protocol="rotation", n_frames=60, probe=Probe.fit_image(120, 160), seed=2,
+                     hands=("LH",))
+    out = tmp_path / "revisits.json"
+    assert revisits.main([str(data), "--min-gap", "10", "--json", str(out), "--quiet"]) == 0
+    assert "recall <1 mm" in capsys.readouterr().out
+    (scan,) = json.loads(out.read_text())["scans"][str(data)].values()
+    assert 0.0 <= scan["revisit_fraction"] <= 1.0 and scan["frames"] == 60
+    for numbers in scan["thresholds"].values():
+        assert numbers["flagged"] >= 0
+        for key in ("within_2mm", "within_5mm", "recall_1mm"):
+            assert numbers[key] is None or 0.0 <= numbers[key] <= 1.0
+    for bad, message in ((["--every", "0"], "must be >= 1"), (["--threshold", "2"], "must lie in")):
+        with pytest.raises(SystemExit):
+            revisits.main([str(data)] + bad)
+        assert message in capsys.readouterr().err
