@@ -55,6 +55,10 @@ it is not used either. With the true key-step signs the same pipeline scores 0.7
 close to a coin flip at eased stops (tested in ``tests/test_direction.py``); the triplet spans
 decide those.
 
+Not used yet: revisits. The rotation scans come back within 1 mm RMS of an earlier pose for 86 % of
+their frames (``benchmarks/revisits.py``), which would tie the chain's two ends together across
+any wrong junction; the DP above takes no such long-range constraint.
+
 The global mirror
 -----------------
 The whole trajectory mirrored through the first image plane (``z → −z`` for every frame,
