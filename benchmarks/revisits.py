@@ -1,7 +1,8 @@
 """Do scans come back to earlier poses, and can the frames tell? Numbers for a loop-closure stage.
 
 Usage:
-    python benchmarks/revisits.py DATA_DIR [DATA_DIR ...] [--min-gap 40] [--every 2] [--json FILE]
+    python benchmarks/revisits.py DATA_DIR [DATA_DIR ...] [--min-gap 40] [--every 2] [--threshold T ...]
+        [--threads 2] [--json FILE]
 
     # e.g. on the folders benchmarks/accuracy.py --out acc keeps:
     python benchmarks/revisits.py acc/data/rotation_240x320_1000 acc/data/linear_240x320_1000
@@ -82,7 +83,7 @@ def descriptor_correlation(stack, mask, chain, spacing_mm, frames):
     var_i, var_j = squares / count - mean_i**2, squares.T / count - mean_j**2
     cross = ((x * m) @ (x * m).T) / count - mean_i * mean_j
     corr = cross / np.sqrt(np.maximum(var_i * var_j, 1e-12))
-    return np.where(m @ m.T >= 0.3 * m.sum(axis=1).min(), corr, np.nan)
+    return np.where(count >= 0.3 * m.sum(axis=1).min(), corr, np.nan)  # enough overlap
 
 
 def run_scan(scan, calibration, *, min_gap, every, thresholds, threads):
