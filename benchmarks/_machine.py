@@ -2,15 +2,18 @@
 
 Benchmarks on the project's shared machines are only comparable with the load they ran under, so every
 script prints :func:`describe` with its table and stores :func:`machine_info` in its JSON. The scripts'
-other shared plumbing (progress lines, the work folder) lives here too.
+other shared plumbing (progress lines, the work folder, table cells) lives here too.
 """
 
 import contextlib
+import math
 import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def machine_info():
@@ -73,3 +76,14 @@ def work_folder(path, prefix):
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as name:
         yield Path(name)
+
+
+def mean_known(values):
+    """Mean of the values that are not None (None if there are none)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def cell(value, digits):
+    """A table cell: ``value`` with ``digits`` decimals, or '-' if it is None or not finite."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"

@@ -69,7 +69,6 @@ sign / drift values. Without ``--out`` everything is written to a temporary fold
 """
 
 import argparse
-import math
 import shutil
 import sys
 import time
@@ -94,7 +93,7 @@ from speckle_rec.simulate.probe import Probe
 from speckle_rec.threads import set_threads
 from speckle_rec.transforms import globals_from_locals, locals_from_globals, transforms_from_tforms
 
-from _machine import describe, load_average, machine_info, stderr_log, work_folder
+from _machine import cell, describe, load_average, machine_info, mean_known, stderr_log, work_folder
 
 PROTOCOLS = ("rotation", "linear", "c-shape", "s-shape")
 CALIBRATION_SUBJECTS = {"rotation": 900, "linear": 910, "c-shape": 920, "s-shape": 930}
@@ -353,11 +352,6 @@ def run_one(run, *, dataset, model, prior, calibration_locals, extra, pred_root,
                 failed={k: v for k, v in summary.failed.items()}, evaluate=results, motion=motion)
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def table_rows(entry, order):
     """Rows (run x method) with means over the run's scans."""
     rows, records = [], []
@@ -368,25 +362,21 @@ def table_rows(entry, order):
         scored = methods[name]
         mean = scored["mean"]
         motion = entry["motion"].get(name, {})
-        sign = _mean([m["sign_accuracy"] for m in motion.values()])
-        drift = _mean([m["drift_percent"] for m in motion.values()])
+        sign = mean_known([m["sign_accuracy"] for m in motion.values()])
+        drift = mean_known([m["drift_percent"] for m in motion.values()])
         timed = {k: r["wall_time_s"] for k, r in scored["scans"].items() if r.get("wall_time_s")}
-        seconds = _mean(list(timed.values()))
-        fps = _mean([entry["frames_per_scan"][k] / t for k, t in timed.items()])
+        seconds = mean_known(list(timed.values()))
+        fps = mean_known([entry["frames_per_scan"][k] / t for k, t in timed.items()])
         record = {"run": entry["name"], "method": name, "scans": len(scored["scans"]),
                   "missing": len(scored["missing"]), **{m: mean.get(m) for m in METRICS},
                   "score": mean.get("score"), "score_std": scored["std"].get("score"),
                   "sign_accuracy": sign, "drift_percent": drift, "seconds_per_scan": seconds,
                   "frames_per_s": fps}
         records.append(record)
-        rows.append([entry["label"], name] + [_fmt(mean.get(m), 3 if m[0] == "L" else 2) for m in METRICS] +
-                    [_fmt(mean.get("score"), 3), _fmt(sign, 2), _fmt(drift, 1), _fmt(seconds, 1), _fmt(fps, 0),
+        rows.append([entry["label"], name] + [cell(mean.get(m), 3 if m[0] == "L" else 2) for m in METRICS] +
+                    [cell(mean.get("score"), 3), cell(sign, 2), cell(drift, 1), cell(seconds, 1), cell(fps, 0),
                      f"{len(scored['scans'])}" + (f" (-{len(scored['missing'])})" if scored["missing"] else "")])
     return rows, records
-
-
-def _fmt(value, digits):
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 HEADERS = ["run", "method", "GPE mm", "GLE mm", "LPE mm", "LLE mm", "score", "sign", "drift %", "s/scan",

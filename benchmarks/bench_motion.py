@@ -61,6 +61,8 @@ from speckle_rec.simulate.render import render_frames
 from speckle_rec.simulate.tissue import Tissue
 from speckle_rec.threads import set_threads
 
+from _machine import cell
+
 PROBE = Probe()
 SPACING = PROBE.spacing_mm
 PER_AXES = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # image x → world Y, y → depth Z
@@ -158,10 +160,6 @@ def _stats(values):
             "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
-def _f(value, digits=3):
-    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
 # --------------------------------------------------------------------------- 1. in-plane
 
 
@@ -186,8 +184,8 @@ def bench_inplane(model, threads, rng):
         t, r = _stats(e["t_err"]), _stats(e["r_err"])
         failed = int(np.sum(~np.isfinite(e["t_err"])))
         table[name] = {"translation_error_mm": t, "rotation_error_deg": r, "failed": failed}
-        rows.append([name, len(pairs), failed, _f(t["median"]), _f(t["p95"]), _f(t["max"]), _f(r["median"]),
-                     _f(r["p95"]), _f(r["max"]),
+        rows.append([name, len(pairs), failed, cell(t["median"], 3), cell(t["p95"], 3), cell(t["max"], 3), cell(r["median"], 3),
+                     cell(r["p95"], 3), cell(r["max"], 3),
                      "yes" if t["p95"] <= TARGETS["translation_mm"] and r["p95"] <= TARGETS["rotation_deg"]
                      else "NO"])
     print("\n1. In-plane motion (forearm, pure in-plane pairs), error per frame pair")
@@ -384,26 +382,26 @@ def bench_outofplane(model, threads, geometry, rng):
         entry["tilt_sequence_mean_abs_pct"] = float(np.nanmean(np.abs(all_ts)))
         table[row_name] = entry
         worst = max(abs(entry["step_pct"][str(s)]["mean"]) for s in STEPS_MM)
-        rows_seq.append([row_name] + [_f(entry["step_pct"][str(s)]["mean"], 1) for s in STEPS_MM] +
-                        [_f(entry["step_mean_abs_pct"], 1), _f(_stats(np.abs(all_steps))["p95"], 1),
+        rows_seq.append([row_name] + [cell(entry["step_pct"][str(s)]["mean"], 1) for s in STEPS_MM] +
+                        [cell(entry["step_mean_abs_pct"], 1), cell(_stats(np.abs(all_steps))["p95"], 1),
                          entry["step_missing"],
                          "yes" if entry["step_mean_abs_pct"] <= TARGETS["distance_pct"] and worst <= 10 else "NO"])
-        rows_region.append([row_name] + [_f(v["mean"], 1) for v in entry["step_pct_by_region"].values()])
-        rows_d.append([row_name] + [_f(entry["distance_pct_stride1"][str(d)]["mean"], 1) for d in distance] +
-                      [_f(entry["distance_mean_abs_pct_stride1"], 1)])
-        rows_t.append([row_name] + [_f(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1) for axis in axes for a in tilts] +
-                      [_f(entry["tilt_mean_abs_pct"], 1), entry["tilt_failed"],
+        rows_region.append([row_name] + [cell(v["mean"], 1) for v in entry["step_pct_by_region"].values()])
+        rows_d.append([row_name] + [cell(entry["distance_pct_stride1"][str(d)]["mean"], 1) for d in distance] +
+                      [cell(entry["distance_mean_abs_pct_stride1"], 1)])
+        rows_t.append([row_name] + [cell(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1) for axis in axes for a in tilts] +
+                      [cell(entry["tilt_mean_abs_pct"], 1), entry["tilt_failed"],
                        "yes" if entry["tilt_mean_abs_pct"] <= TARGETS["tilt_pct"] else "NO"])
-        rows_band.append([row_name] + [_f(entry["tilt_regions_in_band"][f"{axis} {a}"], 1)
+        rows_band.append([row_name] + [cell(entry["tilt_regions_in_band"][f"{axis} {a}"], 1)
                                        for axis in axes for a in tilts])
         rows_flow.append([row_name] + [
-            f"{_f(entry['tilt_pairs_translation_error_mm'][f'{axis} {a}']['max'], 2)} / "
-            f"{_f(entry['tilt_pairs_translation_error_mm_flow_retry'][f'{axis} {a}']['max'], 2)}"
+            f"{cell(entry['tilt_pairs_translation_error_mm'][f'{axis} {a}']['max'], 2)} / "
+            f"{cell(entry['tilt_pairs_translation_error_mm_flow_retry'][f'{axis} {a}']['max'], 2)}"
             for axis in axes for a in tilts] +
-            [_f(float(np.nanmean(np.abs(np.concatenate([np.asarray(v, float) for v in tilt_retry.values()])))), 1)])
-        rows_tseq.append([row_name] + [_f(entry["tilt_sequence_pct"][f"{axis} {d}"]["mean"], 1)
+            [cell(float(np.nanmean(np.abs(np.concatenate([np.asarray(v, float) for v in tilt_retry.values()])))), 1)])
+        rows_tseq.append([row_name] + [cell(entry["tilt_sequence_pct"][f"{axis} {d}"]["mean"], 1)
                                        for axis in axes for d in TILT_STEPS_DEG] +
-                         [_f(entry["tilt_sequence_mean_abs_pct"], 1),
+                         [cell(entry["tilt_sequence_mean_abs_pct"], 1),
                           "yes" if entry["tilt_sequence_mean_abs_pct"] <= TARGETS["tilt_pct"] else "NO"])
     print("\n2a. Elevational translation at a constant step per frame (mm): per-step |d| measured at the stride "
           "chosen per depth region (StridePlan.step_distances), mean signed error (%); 3 positions x "
@@ -498,13 +496,13 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
         if kind == "chosen stride":
             entry["strides"] = {str(s): int(c) for s, c in zip(*np.unique(strides_used, return_counts=True))}
         table[kind] = entry
-        rows.append([kind, entry["pairs"], entry["failed"], _f(entry["true_d_median_mm"]),
-                     _f(entry["d_abs_error_mm"]["median"]), _f(entry["d_error_pct_where_d_ge_0.2"]["median"], 1),
-                     _f(entry["d_error_pct_where_d_ge_0.2"]["mean"], 1), _f(entry["true_tilt_median_deg"], 2),
-                     _f(entry["tilt_abs_error_deg"]["median"], 2),
-                     _f(entry["tilt_error_pct_where_tilt_ge_0.5"]["median"], 1),
-                     _f(entry["tilt_signed_pct_where_tilt_ge_0.5"]["mean"], 1),
-                     _f(entry["translation_error_mm"]["p95"]), _f(entry["rotation_error_deg"]["p95"])])
+        rows.append([kind, entry["pairs"], entry["failed"], cell(entry["true_d_median_mm"], 3),
+                     cell(entry["d_abs_error_mm"]["median"], 3), cell(entry["d_error_pct_where_d_ge_0.2"]["median"], 1),
+                     cell(entry["d_error_pct_where_d_ge_0.2"]["mean"], 1), cell(entry["true_tilt_median_deg"], 2),
+                     cell(entry["tilt_abs_error_deg"]["median"], 2),
+                     cell(entry["tilt_error_pct_where_tilt_ge_0.5"]["median"], 1),
+                     cell(entry["tilt_signed_pct_where_tilt_ge_0.5"]["mean"], 1),
+                     cell(entry["translation_error_mm"]["p95"], 3), cell(entry["rotation_error_deg"]["p95"], 3)])
     true, est, stride = (np.asarray(per_step[k], float) for k in ("true", "est", "stride"))
     far = true * stride >= 0.2  # the chosen-stride distance, as for the pairs above
     entry = {"values": int(true.size), "failed": int(np.sum(~np.isfinite(est))),
@@ -513,10 +511,10 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
              "step_signed_pct_where_stride_distance_ge_0.2": _stats(_pct(est[far], true[far])),
              "strides": _counts(stride)}
     table["per-step, stride per region"] = entry
-    rows.append(["per-step, stride per region", entry["values"], entry["failed"], _f(entry["true_step_median_mm"]),
-                 _f(entry["step_abs_error_mm"]["median"]),
-                 _f(entry["step_error_pct_where_stride_distance_ge_0.2"]["median"], 1),
-                 _f(entry["step_error_pct_where_stride_distance_ge_0.2"]["mean"], 1), "-", "-", "-", "-", "-", "-"])
+    rows.append(["per-step, stride per region", entry["values"], entry["failed"], cell(entry["true_step_median_mm"], 3),
+                 cell(entry["step_abs_error_mm"]["median"], 3),
+                 cell(entry["step_error_pct_where_stride_distance_ge_0.2"]["median"], 1),
+                 cell(entry["step_error_pct_where_stride_distance_ge_0.2"]["mean"], 1), "-", "-", "-", "-", "-", "-"])
     print("\n3. Rotation protocol (forearm; 3 segments of 120 frames): |d| at the patch centre, angle between "
           "planes, in-plane motion; last row: per-step |d| per depth region (chosen-stride distance / stride, "
           "StridePlan.step_distances) against the true distance over those frames / stride (% where that distance "
@@ -527,7 +525,7 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
     if strides_used:
         print("   chosen strides: " + ", ".join(f"{s}: {c}" for s, c in table["chosen stride"]["strides"].items()))
     print("   strides per region (per-step row): " + ", ".join(f"{s}: {c}" for s, c in entry["strides"].items()) +
-          f"; signed mean {_f(entry['step_signed_pct_where_stride_distance_ge_0.2']['mean'], 1)} %")
+          f"; signed mean {cell(entry['step_signed_pct_where_stride_distance_ge_0.2']['mean'], 1)} %")
     return table, chunks
 
 
@@ -593,14 +591,14 @@ def bench_heldout(model, data_dir, threads):
                               progress=False)
     edges = np.arange(0.0, 110.0, 10.0)
     r = band_residuals(model, samples, edges_mm=edges)
-    rows = [[f"{edges[b]:.0f}-{edges[b + 1]:.0f}", int(r["samples"][b]), int(r["inverted"][b]), _f(r["rms_mm"][b]),
-             _f(r["median_abs_mm"][b])] for b in range(edges.size - 1) if r["samples"][b]]
+    rows = [[f"{edges[b]:.0f}-{edges[b + 1]:.0f}", int(r["samples"][b]), int(r["inverted"][b]), cell(r["rms_mm"][b], 3),
+             cell(r["median_abs_mm"][b], 3)] for b in range(edges.size - 1) if r["samples"][b]]
     estimate, _ = model.distance(samples.rho, samples.depth_mm, samples.rotation_rad, samples.tilt_rad)
     ok = np.isfinite(estimate)
     overall = {"samples": len(samples), "inverted": int(ok.sum()),
                "rms_mm": float(np.sqrt(np.mean((estimate[ok] - samples.distance_mm[ok]) ** 2))),
                "median_abs_mm": float(np.median(np.abs(estimate[ok] - samples.distance_mm[ok])))}
-    rows.append(["all", overall["samples"], overall["inverted"], _f(overall["rms_mm"]), _f(overall["median_abs_mm"])])
+    rows.append(["all", overall["samples"], overall["inverted"], cell(overall["rms_mm"], 3), cell(overall["median_abs_mm"], 3)])
     print(f"\n5. Held-out per-patch distances ({data_dir}: {', '.join(samples.scans)}; {len(samples.pairs)} pairs)")
     print(format_table(["depth mm", "samples", "inverted", "RMS err mm", "median |err| mm"], rows))
     return {"data": str(data_dir), "scans": list(samples.scans), "pairs": int(len(samples.pairs)),

@@ -42,7 +42,7 @@ from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.io import open_dataset
 from speckle_rec.threads import set_threads
 
-from _machine import describe, machine_info, stderr_log
+from _machine import cell, describe, machine_info, mean_known, stderr_log
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
 SKIN_MM = 8.0  # rows this close to the top of the fan are left out (skin layers)
@@ -123,15 +123,6 @@ def run_scan(scan, calibration, *, min_gap, every, thresholds, threads):
     return out
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def _fmt(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
@@ -162,16 +153,16 @@ def main(argv=None):
                                threads=threads)
             per_scan[scan.key] = numbers
             log(f"{Path(folder).name} {scan.key}: revisits {numbers['revisit_fraction']:.2f}, median correlation "
-                "by RMS distance " + ", ".join(f"{band} mm {_fmt(v, 2)}"
+                "by RMS distance " + ", ".join(f"{band} mm {cell(v, 2)}"
                                                for band, v in numbers["median_correlation_by_distance"].items()))
         results[str(folder)] = per_scan
         scans = list(per_scan.values())
         for threshold in thresholds:
             flagged = [s["thresholds"][str(threshold)] for s in scans]
-            rows.append([Path(folder).name, len(scans), _fmt(_mean([s["revisit_fraction"] for s in scans]), 2),
-                         f"{threshold:g}", f"{_mean([f['flagged'] for f in flagged]):.0f}",
-                         _fmt(_mean([f["within_2mm"] for f in flagged])), _fmt(_mean([f["within_5mm"] for f in flagged])),
-                         _fmt(_mean([f["recall_1mm"] for f in flagged]))])
+            rows.append([Path(folder).name, len(scans), cell(mean_known([s["revisit_fraction"] for s in scans]), 2),
+                         f"{threshold:g}", f"{mean_known([f['flagged'] for f in flagged]):.0f}",
+                         cell(mean_known([f["within_2mm"] for f in flagged]), 3), cell(mean_known([f["within_5mm"] for f in flagged]), 3),
+                         cell(mean_known([f["recall_1mm"] for f in flagged]), 3)])
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
     print(format_table(["data", "scans", "revisits", "threshold", "flagged/scan", "<2 mm", "<5 mm", "recall <1 mm"],
                        rows))

@@ -57,7 +57,7 @@ from speckle_rec.metrics import scores_2025
 from speckle_rec.threads import set_threads
 from speckle_rec.transforms import locals_from_globals
 
-from _machine import describe, machine_info, stderr_log
+from _machine import cell, describe, machine_info, mean_known, stderr_log
 
 DEFAULT = "default"
 
@@ -146,11 +146,6 @@ def run_scan(scan, calibration, variants, *, start_from, threads):
     return out
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data", nargs="+", help="tracked data folders with landmarks (e.g. acc/data/<run>)")
@@ -186,20 +181,20 @@ def main(argv=None):
         for scan in dataset.scans:
             per_scan[scan.key] = run_scan(scan, calibration, variants, start_from=args.start, threads=threads)
             log(f"{Path(folder).name} {scan.key}: " + ", ".join(
-                f"{name} drift {_fmt(v['drift_percent'])} scale {_fmt(v['scale'], 3)} score {v['score']:.3f}"
+                f"{name} drift {cell(v['drift_percent'], 1)} scale {cell(v['scale'], 3)} score {v['score']:.3f}"
                 for name, v in per_scan[scan.key].items()))
         results[str(folder)] = per_scan
         for name in names:
             values = [entry[name] for entry in per_scan.values()]
             rows.append({"data": Path(folder).name, "variant": name, "scans": len(values),
-                         **{k: _mean([v[k] for v in values])
+                         **{k: mean_known([v[k] for v in values])
                             for k in ("score", "drift_percent", "scale", "sign_accuracy", "seconds")}})
     columns = [("data", "data", None), ("variant", "variant", None), ("scans", "scans", None),
                ("score", "score", 3), ("drift_percent", "drift %", 2), ("scale", "scale", 3),
                ("sign_accuracy", "sign", 3), ("seconds", "s/scan", 1)]
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
     print(format_table([title for _, title, _ in columns],
-                       [[_fmt(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]))
+                       [[cell(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]))
     print(f"bundle adjustment started from: {args.start}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "start": args.start,
@@ -207,10 +202,6 @@ def main(argv=None):
                                             for name, options, path in [(DEFAULT, {}, None)] + parsed},
                                "rows": rows, "scans": results})
     return 0
-
-
-def _fmt(value, digits=1):
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":
