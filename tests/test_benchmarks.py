@@ -4,6 +4,7 @@ Not a measurement (the sizes are far too small to mean anything); it catches a s
 change of the library's API.
 """
 
+import importlib
 import json
 import math
 import sys
@@ -15,9 +16,19 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def benchmark_script(name):
+    """Import ``benchmarks/<name>.py``; the scripts import each other as plain modules at import time."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 @pytest.fixture(scope="module")
 def scripts():
-    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as plain modules
+    # speed.py imports the bench_* scripts inside its stages, also in fresh processes: the path stays
+    sys.path.insert(0, str(BENCHMARKS))
     try:
         import accuracy
         import speed
@@ -99,11 +110,7 @@ def test_speed_stage_in_a_fresh_process(scripts):
 
 
 def test_trajectory_options_compares_variants(tmp_path, capsys):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import trajectory_options
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    trajectory_options = benchmark_script("trajectory_options")
     from speckle_rec.decorrelation import DecorrelationModel
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
@@ -134,19 +141,10 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def _import_revisits():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import revisits
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return revisits
-
-
 def test_revisit_descriptor_compensates_the_in_plane_chain():
     import cv2
 
-    revisits = _import_revisits()
+    revisits = benchmark_script("revisits")
     rng = np.random.default_rng(5)
     spacing = (0.3, 0.3)
     base = cv2.GaussianBlur(rng.uniform(0, 255, (200, 240)).astype(np.float32), (0, 0), 1.0)
@@ -170,7 +168,7 @@ def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
 
-    revisits = _import_revisits()
+    revisits = benchmark_script("revisits")
     data = tmp_path / "rotation"
     simulate_dataset(data, protocol="rotation", n_frames=60, probe=Probe.fit_image(120, 160), seed=2,
                      hands=("LH",))
