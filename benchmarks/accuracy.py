@@ -47,6 +47,8 @@ Everything goes through the public path, so any method's prediction folder is sc
      ``first_direction`` set right instead of its +1 convention. Speckle cannot decide this global
      mirror; the row shows what a correct prior on it would give. It reads the ground truth (an
      oracle, not a method), and it can score below speckle_rec where later phases got the wrong sign;
+   - ``truth_mirrored``: the ground truth mirrored through frame 0's plane: what a method with every
+     relative sign right scores when the global mirror is wrong (the cost of that mirror alone);
    - ``--pred NAME=DIR`` (repeatable): any prediction folder, e.g. written by ``speckle-rec predict
      DATA --function submission/predict_ddfs.py:predict_ddfs -o DIR`` from a learned model. For run
      ``<run>``, ``DIR/<run>/`` is used when it exists, else ``DIR`` itself; scans it lacks are listed.
@@ -103,7 +105,8 @@ OURS = "speckle_rec"
 CONSTANT_VELOCITY = "constant_velocity"
 IN_PLANE_ONLY = "in_plane_only"
 TRUE_MIRROR = "speckle_rec_true_mirror"
-BUILT_IN = (IDENTITY, CONSTANT_VELOCITY, IN_PLANE_ONLY, OURS, TRUE_MIRROR)
+TRUTH_MIRRORED = "truth_mirrored"
+BUILT_IN = (IDENTITY, CONSTANT_VELOCITY, IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED)
 MOVING_MM = 0.05  # frames whose true out-of-plane motion is smaller do not count for the sign
 SWEEP_MM = 20.0  # drift is reported when the image centre travelled at least this far
 
@@ -237,10 +240,12 @@ def sign_and_drift(true_motion, predicted_motion):
 
 
 def write_derived(dataset, ours_dir, out_root, truths, geometries):
-    """in_plane_only and speckle_rec_true_mirror folders from speckle_rec's predictions."""
+    """in_plane_only and speckle_rec_true_mirror folders from speckle_rec's predictions; truth_mirrored."""
     mirrored = {}
     for scan in dataset.scans:
         truth = truths[scan.key]
+        write_prediction(prediction_path(out_root / TRUTH_MIRRORED, scan.subject, scan.name),
+                         global_transforms=mirror(truth.frame_to_first))
         path = prediction_path(ours_dir, scan.subject, scan.name)
         if not path.is_file():
             continue
@@ -316,7 +321,7 @@ def run_one(run, *, dataset, model, prior, calibration_locals, extra, pred_root,
     if calibration_locals:
         cv_source = write_constant_velocity(dataset, pred_root / CONSTANT_VELOCITY, calibration_locals)
     mirrored = write_derived(dataset, pred_root / OURS, pred_root, truths, geometries)
-    methods = ([CONSTANT_VELOCITY] if calibration_locals else []) + [IN_PLANE_ONLY, OURS, TRUE_MIRROR]
+    methods = ([CONSTANT_VELOCITY] if calibration_locals else []) + [IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED]
     folders = [pred_root / name for name in methods]
     for folder in folders:  # a method whose every scan failed is still listed (with all scans missing)
         folder.mkdir(parents=True, exist_ok=True)
@@ -544,7 +549,7 @@ def main(argv=None):
             entry = run_one(run, dataset=dataset, model=model, prior=prior, calibration_locals=calibration_locals,
                             extra=extra, pred_root=out / "predictions" / run["name"], threads=threads, log=log)
             entry["model"] = model.description
-            order = [IDENTITY, CONSTANT_VELOCITY, IN_PLANE_ONLY, OURS, TRUE_MIRROR] + list(extra)
+            order = [IDENTITY, CONSTANT_VELOCITY, IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED] + list(extra)
             rows, table = table_rows(entry, order)
             entry["table"] = table
             all_rows += rows
@@ -556,7 +561,8 @@ def main(argv=None):
     print(format_table(HEADERS, all_rows))
     print("score: TUS-REC2025 (1 - M/M_identity averaged over GPE, GLE, LPE, LLE); sign: fraction of moving "
           "frames with the right out-of-plane sign; drift: last frame's centre error / distance travelled "
-          f"(sweeps); {TRUE_MIRROR}: oracle global mirror. {time.perf_counter() - started:.0f} s in all.")
+          f"(sweeps); {TRUE_MIRROR}: oracle global mirror; {TRUTH_MIRRORED}: the truth with the wrong global "
+          f"mirror. {time.perf_counter() - started:.0f} s in all.")
     if args.json:
         write_json(args.json, report)
     return 0

@@ -73,7 +73,7 @@ def test_accuracy_with_an_extra_prediction_folder(scripts, tmp_path, capsys):
     assert {"machine", "runs", "table", "load_average_end"} <= set(report)
     rows = {row["method"]: row for row in report["table"]}
     assert list(rows) == ["identity", "constant_velocity", "in_plane_only", "speckle_rec", "speckle_rec_true_mirror",
-                          "learned"]
+                          "truth_mirrored", "learned"]
     for row in rows.values():
         assert row["scans"] == 1 and row["missing"] == 0
         assert all(finite(row[m]) for m in ("GPE", "GLE", "LPE", "LLE", "score"))
@@ -82,6 +82,8 @@ def test_accuracy_with_an_extra_prediction_folder(scripts, tmp_path, capsys):
         assert 0.0 <= rows[name]["sign_accuracy"] <= 1.0 and finite(rows[name]["drift_percent"])
     assert finite(rows["speckle_rec"]["seconds_per_scan"]) and finite(rows["speckle_rec"]["frames_per_s"])
     assert rows["learned"]["seconds_per_scan"] == pytest.approx(1.0)
+    # the truth through the wrong mirror: every moving frame's out-of-plane step has the wrong sign
+    assert rows["truth_mirrored"]["sign_accuracy"] == 0.0 and rows["truth_mirrored"]["score"] < 1.0
     assert "learned" in table and "speckle_rec_true_mirror" in table
 
 
