@@ -57,7 +57,18 @@ decide those.
 
 Not used yet: revisits. The rotation scans come back within 1 mm RMS of an earlier pose for 86 % of
 their frames (``benchmarks/revisits.py``), which would tie the chain's two ends together across
-any wrong junction; the DP above takes no such long-range constraint.
+any wrong junction; the DP above takes no such long-range constraint. Two attempts did not help
+(measured in scratch code, issue 5's notes):
+
+- flipping the least certain junctions to agree with the revisits: no better on the five
+  benchmark scans;
+- a Viterbi over the signs and the accumulated tilt about image x, pulled towards the tilts of
+  each key frame's revisit partners: a gain on the five benchmark scans did not carry over to
+  eight held-out ones.
+
+Under the cost above plus the revisits' tilt residuals the true signs are still dearer
+than the chosen ones on most scans: the poorly fitted key steps make them pay more in velocity
+smoothness than the revisits give back.
 
 The global mirror
 -----------------
@@ -66,8 +77,10 @@ The whole trajectory mirrored through the first image plane (``z → −z`` for 
 and every |distance| are unchanged. Speckle cannot decide it. We fix it by a convention,
 ``first_direction`` (:func:`first_direction`): the sign of the mean elevation, over the image, of
 the first frame that moves away from frame 0's plane by more than a threshold. The default +1 is
-a convention, right on half of the scans whose first move is random. :class:`DirectionPrior`
-learns it from tracked scans (``speckle-rec calibrate`` stores it in the calibration file and
+a convention, right on half of the scans whose first move is random. It weighs heavily: on the
+simulated rotation scans the ground truth itself scores about −0.36 through the wrong mirror (the
+``truth_mirrored`` row of ``benchmarks/README.md``), against 1 through the right one.
+:class:`DirectionPrior` learns it from tracked scans (``speckle-rec calibrate`` stores it in the calibration file and
 ``reconstruct --calibration`` uses it): protocols with a prescribed direction (2024 sweeps
 perpendicular to the image plane go distal to proximal or back, as their names say) get it right
 every time; where the first move is random (fanning, or sweeps parallel to the image plane) the
