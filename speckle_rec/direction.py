@@ -66,9 +66,9 @@ any wrong junction; the DP above takes no such long-range constraint. Two attemp
   each key frame's revisit partners: a gain on the five benchmark scans did not carry over to
   eight held-out ones.
 
-Under the cost above plus the revisits' tilt residuals the true signs are still dearer
-than the chosen ones on most scans: the poorly fitted key steps make them pay more in velocity
-smoothness than the revisits give back.
+Under the cost above plus the revisits' tilt residuals the true signs are still dearer than the
+chosen ones on most scans: the poorly fitted key steps make them pay more in velocity smoothness
+than the revisits give back.
 
 The global mirror
 -----------------
@@ -80,11 +80,11 @@ the first frame that moves away from frame 0's plane by more than a threshold. T
 a convention, right on half of the scans whose first move is random. It weighs heavily: on the
 simulated rotation scans the ground truth itself scores about −0.36 through the wrong mirror (the
 ``truth_mirrored`` row of ``benchmarks/README.md``), against 1 through the right one.
-:class:`DirectionPrior` learns it from tracked scans (``speckle-rec calibrate`` stores it in the calibration file and
-``reconstruct --calibration`` uses it): protocols with a prescribed direction (2024 sweeps
-perpendicular to the image plane go distal to proximal or back, as their names say) get it right
-every time; where the first move is random (fanning, or sweeps parallel to the image plane) the
-prior is not decisive and the convention stays.
+:class:`DirectionPrior` learns it from tracked scans (``speckle-rec calibrate`` stores it in the
+calibration file and ``reconstruct --calibration`` uses it): protocols with a prescribed
+direction (2024 sweeps perpendicular to the image plane go distal to proximal or back, as their
+names say) get it right every time; where the first move is random (fanning, or sweeps parallel to
+the image plane) the prior is not decisive and the convention stays.
 """
 
 import re
