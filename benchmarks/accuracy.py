@@ -3,14 +3,14 @@
 Usage:
     python benchmarks/accuracy.py [--protocols rotation,linear,c-shape,s-shape] [--frames 1000]
         [--height 240 --width 320] [--full-frames 1600 --full-height 480 --full-width 640]
-        [--seeds 1 ...] [--calibration-seed 2] [--calibration-frames 1000] [--threads 2]
+        [--seeds 1 3 4 5 6] [--calibration-seed 2] [--calibration-frames 1000] [--threads 2]
         [--out DIR] [--pred NAME=DIR ...] [--json FILE]
     python benchmarks/accuracy.py --data DATA_DIR [--calibration-data TRACKED_DIR | --model CALIB.json]
         [--pred NAME=DIR ...] [--json FILE]
 
 The defaults are the full run of ``benchmarks/README.md``. A quick run (a few minutes on 2 cores):
-    python benchmarks/accuracy.py --protocols rotation,linear --frames 300 --calibration-frames 300 \
-        --full-frames 0
+    python benchmarks/accuracy.py --protocols rotation,linear --seeds 1 --frames 300 \
+        --calibration-frames 300 --full-frames 0
 
 Everything goes through the public path, so any method's prediction folder is scored like ours:
 
@@ -504,7 +504,8 @@ def main(argv=None):
                       help="frames of the extra rotation run at the full size (default 1600; 0 skips it)")
     size.add_argument("--full-height", type=int, default=480)
     size.add_argument("--full-width", type=int, default=640)
-    size.add_argument("--seeds", type=int, nargs="+", default=[1], help="one test scan per seed (default 1)")
+    size.add_argument("--seeds", type=int, nargs="+", default=[1, 3, 4, 5, 6],
+                      help="one test scan per seed (default 1 3 4 5 6; seed 2 is the calibration's)")
     size.add_argument("--calibration-seed", type=int, default=2, help="seed of the calibration scans (default 2)")
     size.add_argument("--calibration-frames", type=int, default=1000, help="frames per calibration scan")
     size.add_argument("--calibrate-per-protocol", action="store_true",
