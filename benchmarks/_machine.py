@@ -2,7 +2,8 @@
 
 Benchmarks on the project's shared machines are only comparable with the load they ran under, so every
 script prints :func:`describe` with its table and stores :func:`machine_info` in its JSON. The scripts'
-other shared plumbing (progress lines, the work folder, table cells) lives here too.
+other shared plumbing (progress lines, the work folder, the walk over data folders' scans, table
+cells) lives here too.
 """
 
 import contextlib
@@ -14,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from speckle_rec.io import open_dataset
 
 
 def machine_info():
@@ -70,12 +73,28 @@ def stderr_log(quiet):
 
 @contextlib.contextmanager
 def work_folder(path, prefix):
-    """``Path(path)`` (kept), or a temporary folder named ``prefix…`` that is removed on exit when ``path`` is None."""
+    """``Path(path)`` (kept), or a temporary folder named ``prefix…``, removed on exit, when ``path`` is None."""
     if path is not None:
         yield Path(path)
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as name:
         yield Path(name)
+
+
+def scan_results(folders, measure, summary, log):
+    """Yield ``(folder, {scan key: measure(scan, calibration)})`` for each tracked data folder in turn.
+
+    ``log`` gets one progress line per scan, ``"<folder name> <scan key>: " + summary(numbers)``.
+    A generator, so a caller's per-folder table rows follow that folder's progress lines.
+    """
+    for folder in folders:
+        dataset = open_dataset(folder)
+        calibration = dataset.calibration()
+        per_scan = {}
+        for scan in dataset.scans:
+            numbers = per_scan[scan.key] = measure(scan, calibration)
+            log(f"{Path(folder).name} {scan.key}: {summary(numbers)}")
+        yield folder, per_scan
 
 
 def mean_known(values):

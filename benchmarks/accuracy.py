@@ -321,7 +321,8 @@ def run_one(run, *, dataset, model, prior, calibration_locals, extra, pred_root,
     if calibration_locals:
         cv_source = write_constant_velocity(dataset, pred_root / CONSTANT_VELOCITY, calibration_locals)
     mirrored = write_derived(dataset, pred_root / OURS, pred_root, truths, geometries)
-    methods = ([CONSTANT_VELOCITY] if calibration_locals else []) + [IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED]
+    methods = (([CONSTANT_VELOCITY] if calibration_locals else [])
+               + [IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED])
     folders = [pred_root / name for name in methods]
     for folder in folders:  # a method whose every scan failed is still listed (with all scans missing)
         folder.mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,9 @@ from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.inplane import fan_mask_from_frames
-from speckle_rec.io import open_dataset
 from speckle_rec.threads import set_threads
 
-from _machine import cell, describe, machine_info, mean_known, stderr_log
+from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
 SKIN_MM = 8.0  # rows this close to the top of the fan are left out (skin layers)
@@ -144,17 +143,16 @@ def main(argv=None):
     machine = machine_info()
     started = time.perf_counter()
     results, rows = {}, []
-    for folder in args.data:
-        dataset = open_dataset(folder)
-        calibration = dataset.calibration()
-        per_scan = {}
-        for scan in dataset.scans:
-            numbers = run_scan(scan, calibration, min_gap=args.min_gap, every=args.every, thresholds=thresholds,
-                               threads=threads)
-            per_scan[scan.key] = numbers
-            log(f"{Path(folder).name} {scan.key}: revisits {numbers['revisit_fraction']:.2f}, median correlation "
-                "by RMS distance " + ", ".join(f"{band} mm {cell(v, 2)}"
-                                               for band, v in numbers["median_correlation_by_distance"].items()))
+
+    def measure(scan, calibration):
+        return run_scan(scan, calibration, min_gap=args.min_gap, every=args.every, thresholds=thresholds,
+                        threads=threads)
+
+    def summary(numbers):
+        return (f"revisits {numbers['revisit_fraction']:.2f}, median correlation by RMS distance "
+                + ", ".join(f"{band} mm {cell(v, 2)}" for band, v in numbers["median_correlation_by_distance"].items()))
+
+    for folder, per_scan in scan_results(args.data, measure, summary, log):
         results[str(folder)] = per_scan
         scans = list(per_scan.values())
         for threshold in thresholds:

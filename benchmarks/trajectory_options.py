@@ -52,12 +52,11 @@ from speckle_rec.direction import first_direction, mirror
 from speckle_rec.errors import DataError
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.inplane import fan_mask_from_frames
-from speckle_rec.io import open_dataset
 from speckle_rec.metrics import scores_2025
 from speckle_rec.threads import set_threads
 from speckle_rec.transforms import locals_from_globals
 
-from _machine import cell, describe, machine_info, mean_known, stderr_log
+from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
 
 DEFAULT = "default"
 
@@ -174,15 +173,15 @@ def main(argv=None):
     machine = machine_info()
     started = time.perf_counter()
     results, rows = {}, []
-    for folder in args.data:
-        dataset = open_dataset(folder)
-        calibration = dataset.calibration()
-        per_scan = {}
-        for scan in dataset.scans:
-            per_scan[scan.key] = run_scan(scan, calibration, variants, start_from=args.start, threads=threads)
-            log(f"{Path(folder).name} {scan.key}: " + ", ".join(
-                f"{name} drift {cell(v['drift_percent'], 1)} scale {cell(v['scale'], 3)} score {v['score']:.3f}"
-                for name, v in per_scan[scan.key].items()))
+
+    def measure(scan, calibration):
+        return run_scan(scan, calibration, variants, start_from=args.start, threads=threads)
+
+    def summary(numbers):
+        return ", ".join(f"{name} drift {cell(v['drift_percent'], 1)} scale {cell(v['scale'], 3)} "
+                         f"score {v['score']:.3f}" for name, v in numbers.items())
+
+    for folder, per_scan in scan_results(args.data, measure, summary, log):
         results[str(folder)] = per_scan
         for name in names:
             values = [entry[name] for entry in per_scan.values()]
