@@ -143,6 +143,47 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_tilt_bias_scales_sigma_linearly_in_depth():
+    from speckle_rec.decorrelation import DecorrelationModel
+
+    tilt_bias = benchmark_script("tilt_bias")
+    model = DecorrelationModel.default()
+    steeper = tilt_bias.with_sigma_gradient(model, 5.0)
+    edges = model.depth_edges_mm
+    expected = 1.0 + 0.05 * (model.band_centers_mm - 0.5 * (edges[0] + edges[-1])) / 20.0
+    assert np.allclose(steeper.sigma_mm / model.sigma_mm, expected)
+    assert np.array_equal(steeper.floor, model.floor) and np.array_equal(steeper.depth_edges_mm, edges)
+    assert np.array_equal(tilt_bias.with_sigma_gradient(model, 0.0).sigma_mm, model.sigma_mm)
+
+
+def test_tilt_bias_runs_on_a_tiny_sweep(tmp_path, capsys):
+    from speckle_rec.decorrelation import DecorrelationModel
+    from speckle_rec.simulate.dataset import simulate_dataset
+    from speckle_rec.simulate.probe import Probe
+
+    tilt_bias = benchmark_script("tilt_bias")
+    data = tmp_path / "linear"
+    simulate_dataset(data, protocol="linear", n_frames=60, probe=Probe.fit_image(120, 160), seed=3,
+                     hands=("LH",), planes=("Per",), directions=("DtP",))
+    model = tmp_path / "model.json"
+    DecorrelationModel.default().to_json(model)
+    out = tmp_path / "tilt.json"
+    args = [str(data), "--model", str(model), "--json", str(out), "--quiet"]
+    assert tilt_bias.main(args + ["--gradient", "-10", "--gradient", "0", "--gradient", "10"]) == 0
+    assert "tilt err deg" in capsys.readouterr().out
+    (scan,) = json.loads(out.read_text())["scans"][str(data)].values()
+    assert scan["frames"] == 60 and scan["key_steps"] >= 2
+    assert list(scan["gradients"]) == ["-10", "0", "10"]
+    # a tiny scan with uncalibrated curves is too noisy for the sensitivity itself (single-frame key
+    # steps, ~10 deg random walk); the table in benchmarks/README.md measures it on 1000-frame sweeps
+    for numbers in scan["gradients"].values():
+        assert math.isfinite(numbers["tilt_error_deg"]) and numbers["random_deg"] >= 0.0
+        assert 0.1 < numbers["length_ratio"] < 10.0
+    with pytest.raises(SystemExit):
+        tilt_bias.main(args + ["--gradient", "60"])
+    assert "strictly between -50 and 50" in capsys.readouterr().err
+
+
 def test_revisit_descriptor_compensates_the_in_plane_chain():
     import cv2
 
