@@ -111,17 +111,23 @@ def test_speed_stage_in_a_fresh_process(scripts):
     assert row["stage"] == "ddf" and row["items"] == 4 and finite(row["seconds"]) and row["peak_rss_mib"] > 0
 
 
-def test_trajectory_options_compares_variants(tmp_path, capsys):
-    trajectory_options = benchmark_script("trajectory_options")
+def tiny_sweep(folder):
+    """A 60-frame 120x160 tracked linear sweep in ``folder / 'linear'`` and the default curves as JSON."""
     from speckle_rec.decorrelation import DecorrelationModel
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
 
-    data = tmp_path / "linear"
+    data = folder / "linear"
     simulate_dataset(data, protocol="linear", n_frames=60, probe=Probe.fit_image(120, 160), seed=3,
                      hands=("LH",), planes=("Per",), directions=("DtP",))
-    model = tmp_path / "model.json"
+    model = folder / "model.json"
     DecorrelationModel.default().to_json(model)
+    return data, model
+
+
+def test_trajectory_options_compares_variants(tmp_path, capsys):
+    trajectory_options = benchmark_script("trajectory_options")
+    data, model = tiny_sweep(tmp_path)
     out = tmp_path / "options.json"
     args = [str(data), "--model", str(model), "--variant", "short:window=20,overlap=5", "--json", str(out), "--quiet"]
     assert trajectory_options.main(args) == 0
@@ -157,16 +163,8 @@ def test_tilt_bias_scales_sigma_linearly_in_depth():
 
 
 def test_tilt_bias_runs_on_a_tiny_sweep(tmp_path, capsys):
-    from speckle_rec.decorrelation import DecorrelationModel
-    from speckle_rec.simulate.dataset import simulate_dataset
-    from speckle_rec.simulate.probe import Probe
-
     tilt_bias = benchmark_script("tilt_bias")
-    data = tmp_path / "linear"
-    simulate_dataset(data, protocol="linear", n_frames=60, probe=Probe.fit_image(120, 160), seed=3,
-                     hands=("LH",), planes=("Per",), directions=("DtP",))
-    model = tmp_path / "model.json"
-    DecorrelationModel.default().to_json(model)
+    data, model = tiny_sweep(tmp_path)
     out = tmp_path / "tilt.json"
     args = [str(data), "--model", str(model), "--json", str(out), "--quiet"]
     assert tilt_bias.main(args + ["--gradient", "-10", "--gradient", "0", "--gradient", "10"]) == 0
