@@ -63,9 +63,7 @@ def run_scan(scan, calibration, model, gradients, threads):
     options = trajectory._check_options({})
     meas = trajectory._measure(frames, fan_mask_from_frames(frames), calibration.spacing_mm, model, options,
                                threads, False)
-    keys = trajectory._key_frames(meas, options["key_rho"])
-    rho = meas.correlate(np.stack([keys[:-1], keys[1:]], axis=1))
-    theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
+    keys, rho, theta = trajectory._key_steps(meas, options["key_rho"])
     poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
     true_planes = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
     centroid = np.array([1.0, meas.grid.x_mm.mean(), meas.grid.y_mm.mean()])

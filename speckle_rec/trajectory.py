@@ -547,6 +547,14 @@ def _key_frames(meas, key_rho):
     return np.asarray(keys, dtype=np.int64)
 
 
+def _key_steps(meas, key_rho):
+    """Key frames (K,), the ρ (K − 1, P) of each key step (k_m, k_m+1) and its in-plane rotation (K − 1,)."""
+    keys = _key_frames(meas, key_rho)
+    rho = meas.correlate(np.stack([keys[:-1], keys[1:]], axis=1))
+    theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
+    return keys, rho, theta
+
+
 def _anchor_design(meas):
     """(9, 3) design rows [1, x, y] of anchor points spread over the patch grid."""
     x, y = meas.grid.x_mm, meas.grid.y_mm
@@ -1093,10 +1101,7 @@ def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
     ``benchmarks/trajectory_options.py --start oracle-signs``).
     """
     clock = time.perf_counter()
-    keys = _key_frames(meas, opts["key_rho"])
-    step_pairs = np.stack([keys[:-1], keys[1:]], axis=1)
-    step_rho = meas.correlate(step_pairs)
-    step_theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
+    keys, step_rho, step_theta = _key_steps(meas, opts["key_rho"])
     free = fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])
     pivot, planes, covariance, pivot_cost = _decide_pivot(meas, step_rho, step_theta, free, opts)
     signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts)

@@ -329,9 +329,7 @@ def test_pivot_is_decided_by_what_it_costs(protocol, fixed_contact):
     poses = probe_trajectory(1000, protocol=protocol, probe=MEDIUM, seed=4)[:300]
     meas = synthetic_measurements(poses, MEDIUM)
     opts = dict(T.DEFAULT_OPTIONS)
-    keys = T._key_frames(meas, opts["key_rho"])
-    rho = meas.correlate(np.stack([keys[:-1], keys[1:]], axis=1))
-    theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
+    _, rho, theta = T._key_steps(meas, opts["key_rho"])
     free = T.fit_planes(rho, theta, meas)
     pivot, planes, _, increase = T._decide_pivot(meas, rho, theta, free, opts)
     assert pivot == fixed_contact
