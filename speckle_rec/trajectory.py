@@ -26,7 +26,8 @@ Stages (timed in ``diagnostics["seconds"]``)
    Residuals: the flow of every consecutive pair (centroid shift and projected rotation, whitened
    by the flow covariance), the ρ of every bright patch of every pair up to ``ba_max_stride``
    against the model at the predicted distance ``|z|`` of the patch centre from the other frame's
-   plane (and the predicted tilt; soft-L1 loss), a weak smoothness prior (second differences of
+   plane (and the predicted tilt; soft-L1 loss; each ρ's spread is the model's at the ρ it expects
+   from the window's starting poses), a weak smoothness prior (second differences of
    three points of each frame) and, with a pivot, the out-of-plane velocity of the skin contact.
 5. **Mirror convention.** The result is mirrored through frame 0's plane if needed so that
    :func:`speckle_rec.direction.first_direction` equals ``first_direction``: speckle cannot tell
@@ -697,8 +698,6 @@ class _Window:
         self.tilt_precision = model.parameters(meas.grid.y_mm).tilt_precision
         self.q = np.stack([meas.grid.x_mm, y, np.zeros_like(y)], axis=1)  # (P, 3)
         self.y = y
-        expected_sigma = model.rho_sigma(np.clip(self.rho, 0.0, 0.999), y) + opts["rho_sigma_floor"]
-        self.rho_sigma = expected_sigma
         # smoothness: second differences for centres c with c−1, c+1 present and one of them free
         anchors = _anchor_design(meas)[[0, 2, 7]]  # top-left, top-right, bottom-middle
         self.anchors = np.stack([anchors[:, 1], anchors[:, 2], np.zeros(3)], axis=1)
@@ -709,6 +708,12 @@ class _Window:
         kk = np.arange(max(lo - 1, 0), free[-1])
         self.pv_k = kk
         self._structure()
+        # Each ρ's spread is the model's at its expected value under the window's starting poses, not
+        # at the measured value: spreads from the measurements weight the ρ that came out high more
+        # (spread ∝ 1 − ρ²), which pulls every distance short (the sweeps' travel read 0.96 of the
+        # truth; 0.98-0.99 this way, benchmarks/README.md).
+        expected = self._patch_geometry(Rotation.from_rotvec(params[:, :3]).as_matrix(), params[:, 3:])[-1]
+        self.rho_sigma = model.rho_sigma(np.clip(expected, 0.0, 0.999), y) + opts["rho_sigma_floor"]
 
     # rows of each block: in-plane 3·K, patches valid count, smoothness 9·C, pivot K
     def _structure(self):
@@ -730,8 +735,9 @@ class _Window:
         mask[self.n_ip:self.n_ip + self.n_pp] = True
         return mask
 
-    def _patch_block(self, rot, tau, jl, jacobian, blocks, add, offset):
-        """ρ of every patch against the model at |z| (z = n_j · (R_i q + τ_i − τ_j)) and the tilt factor."""
+    def _patch_geometry(self, rot, tau):
+        """Each pair's frame-j normal, the rotated patch centres, their offsets, normal in frame i, z, tilt
+        and the model's expected ρ at |z| (z = n_j · (R_i q + τ_i − τ_j)) with the tilt factor."""
         i, j = self.pp_i, self.pp_j
         nj = rot[j][:, :, 2]  # (M, 3) frame j's normal in frame 0
         rotated = np.matmul(rot[i], self.q.T).transpose(0, 2, 1)  # R_i q, (M, P, 3)
@@ -745,8 +751,14 @@ class _Window:
         cos_t, sin_t = np.cos(self.theta[:, 0]), np.sin(self.theta[:, 0])
         alpha, beta = cos_t * slope_b - sin_t * slope_a, -cos_t * slope_a - sin_t * slope_b
         tilt = alpha[:, None] * self.beam_cos - beta[:, None] * self.beam_sin
+        expected = self.meas.model.rho(z, self.y, self.theta, tilt)
+        return nj, rotated, world, n, nz, cos_t, sin_t, z, tilt, expected
+
+    def _patch_block(self, rot, tau, jl, jacobian, blocks, add, offset):
+        """ρ of every patch against the model (see :meth:`_patch_geometry`), and its derivatives."""
+        i, j = self.pp_i, self.pp_j
+        nj, rotated, world, n, nz, cos_t, sin_t, z, tilt, expected = self._patch_geometry(rot, tau)
         model = self.meas.model
-        expected = model.rho(z, self.y, self.theta, tilt)
         res_pp = np.where(self.valid, (self.rho - expected) / self.rho_sigma, 0.0).ravel()[self.valid_index]
         blocks.append(res_pp)
         if jacobian:
