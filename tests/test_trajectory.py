@@ -188,7 +188,8 @@ def test_bundle_adjustment_keeps_a_sweeps_length_under_noise():
     poses = probe_trajectory(1000, protocol="linear", probe=MEDIUM, seed=4)[:300]
     meas = synthetic_measurements(poses, MEDIUM, noise_scale=1.0)
     adjusted, _ = T._bundle_adjust(meas, meas.truth, dict(T.DEFAULT_OPTIONS), False, False)
-    centre = np.array([MEDIUM.spacing_mm[0] * MEDIUM.width / 2, MEDIUM.spacing_mm[1] * MEDIUM.height / 2, 0.0, 1.0])
+    sx, sy = MEDIUM.spacing_mm
+    centre = np.array([sx * MEDIUM.width / 2, sy * MEDIUM.height / 2, 0.0, 1.0])
     travel = np.linalg.norm((meas.truth[-1] @ centre - centre)[:3])
     assert travel > 20.0
     assert abs(np.linalg.norm((adjusted[-1] @ centre - centre)[:3]) / travel - 1.0) < 0.015
