@@ -73,7 +73,7 @@ def stderr_log(quiet):
 
 @contextlib.contextmanager
 def work_folder(path, prefix):
-    """``Path(path)`` (kept), or a temporary folder named ``prefix…``, removed on exit, when ``path`` is None."""
+    """``Path(path)`` (kept), or with ``path`` None a temporary folder named ``prefix…``, removed on exit."""
     if path is not None:
         yield Path(path)
         return

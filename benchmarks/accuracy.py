@@ -379,9 +379,10 @@ def table_rows(entry, order):
                   "sign_accuracy": sign, "drift_percent": drift, "seconds_per_scan": seconds,
                   "frames_per_s": fps}
         records.append(record)
-        rows.append([entry["label"], name] + [cell(mean.get(m), 3 if m[0] == "L" else 2) for m in METRICS] +
-                    [cell(mean.get("score"), 3), cell(sign, 2), cell(drift, 1), cell(seconds, 1), cell(fps, 0),
-                     f"{len(scored['scans'])}" + (f" (-{len(scored['missing'])})" if scored["missing"] else "")])
+        count = f"{len(scored['scans'])}" + (f" (-{len(scored['missing'])})" if scored["missing"] else "")
+        rows.append([entry["label"], name] + [cell(mean.get(m), 3 if m[0] == "L" else 2) for m in METRICS]
+                    + [cell(mean.get("score"), 3), cell(sign, 2), cell(drift, 1), cell(seconds, 1),
+                       cell(fps, 0), count])
     return rows, records
 
 
@@ -551,7 +552,7 @@ def main(argv=None):
             entry = run_one(run, dataset=dataset, model=model, prior=prior, calibration_locals=calibration_locals,
                             extra=extra, pred_root=out / "predictions" / run["name"], threads=threads, log=log)
             entry["model"] = model.description
-            order = [IDENTITY, CONSTANT_VELOCITY, IN_PLANE_ONLY, OURS, TRUE_MIRROR, TRUTH_MIRRORED] + list(extra)
+            order = list(BUILT_IN) + list(extra)
             rows, table = table_rows(entry, order)
             entry["table"] = table
             all_rows += rows

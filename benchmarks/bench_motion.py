@@ -184,8 +184,8 @@ def bench_inplane(model, threads, rng):
         t, r = _stats(e["t_err"]), _stats(e["r_err"])
         failed = int(np.sum(~np.isfinite(e["t_err"])))
         table[name] = {"translation_error_mm": t, "rotation_error_deg": r, "failed": failed}
-        rows.append([name, len(pairs), failed, cell(t["median"], 3), cell(t["p95"], 3), cell(t["max"], 3), cell(r["median"], 3),
-                     cell(r["p95"], 3), cell(r["max"], 3),
+        rows.append([name, len(pairs), failed, cell(t["median"], 3), cell(t["p95"], 3), cell(t["max"], 3),
+                     cell(r["median"], 3), cell(r["p95"], 3), cell(r["max"], 3),
                      "yes" if t["p95"] <= TARGETS["translation_mm"] and r["p95"] <= TARGETS["rotation_deg"]
                      else "NO"])
     print("\n1. In-plane motion (forearm, pure in-plane pairs), error per frame pair")
@@ -387,10 +387,11 @@ def bench_outofplane(model, threads, geometry, rng):
                          entry["step_missing"],
                          "yes" if entry["step_mean_abs_pct"] <= TARGETS["distance_pct"] and worst <= 10 else "NO"])
         rows_region.append([row_name] + [cell(v["mean"], 1) for v in entry["step_pct_by_region"].values()])
-        rows_d.append([row_name] + [cell(entry["distance_pct_stride1"][str(d)]["mean"], 1) for d in distance] +
-                      [cell(entry["distance_mean_abs_pct_stride1"], 1)])
-        rows_t.append([row_name] + [cell(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1) for axis in axes for a in tilts] +
-                      [cell(entry["tilt_mean_abs_pct"], 1), entry["tilt_failed"],
+        rows_d.append([row_name] + [cell(entry["distance_pct_stride1"][str(d)]["mean"], 1) for d in distance]
+                      + [cell(entry["distance_mean_abs_pct_stride1"], 1)])
+        rows_t.append([row_name]
+                      + [cell(entry["tilt_pct"][f"{axis} {a}"]["mean"], 1) for axis in axes for a in tilts]
+                      + [cell(entry["tilt_mean_abs_pct"], 1), entry["tilt_failed"],
                        "yes" if entry["tilt_mean_abs_pct"] <= TARGETS["tilt_pct"] else "NO"])
         rows_band.append([row_name] + [cell(entry["tilt_regions_in_band"][f"{axis} {a}"], 1)
                                        for axis in axes for a in tilts])
@@ -398,7 +399,8 @@ def bench_outofplane(model, threads, geometry, rng):
             f"{cell(entry['tilt_pairs_translation_error_mm'][f'{axis} {a}']['max'], 2)} / "
             f"{cell(entry['tilt_pairs_translation_error_mm_flow_retry'][f'{axis} {a}']['max'], 2)}"
             for axis in axes for a in tilts] +
-            [cell(float(np.nanmean(np.abs(np.concatenate([np.asarray(v, float) for v in tilt_retry.values()])))), 1)])
+            [cell(float(np.nanmean(np.abs(np.concatenate([np.asarray(v, float)
+                                                          for v in tilt_retry.values()])))), 1)])
         rows_tseq.append([row_name] + [cell(entry["tilt_sequence_pct"][f"{axis} {d}"]["mean"], 1)
                                        for axis in axes for d in TILT_STEPS_DEG] +
                          [cell(entry["tilt_sequence_mean_abs_pct"], 1),
@@ -497,12 +499,14 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
             entry["strides"] = {str(s): int(c) for s, c in zip(*np.unique(strides_used, return_counts=True))}
         table[kind] = entry
         rows.append([kind, entry["pairs"], entry["failed"], cell(entry["true_d_median_mm"], 3),
-                     cell(entry["d_abs_error_mm"]["median"], 3), cell(entry["d_error_pct_where_d_ge_0.2"]["median"], 1),
+                     cell(entry["d_abs_error_mm"]["median"], 3),
+                     cell(entry["d_error_pct_where_d_ge_0.2"]["median"], 1),
                      cell(entry["d_error_pct_where_d_ge_0.2"]["mean"], 1), cell(entry["true_tilt_median_deg"], 2),
                      cell(entry["tilt_abs_error_deg"]["median"], 2),
                      cell(entry["tilt_error_pct_where_tilt_ge_0.5"]["median"], 1),
                      cell(entry["tilt_signed_pct_where_tilt_ge_0.5"]["mean"], 1),
-                     cell(entry["translation_error_mm"]["p95"], 3), cell(entry["rotation_error_deg"]["p95"], 3)])
+                     cell(entry["translation_error_mm"]["p95"], 3),
+                     cell(entry["rotation_error_deg"]["p95"], 3)])
     true, est, stride = (np.asarray(per_step[k], float) for k in ("true", "est", "stride"))
     far = true * stride >= 0.2  # the chosen-stride distance, as for the pairs above
     entry = {"values": int(true.size), "failed": int(np.sum(~np.isfinite(est))),
@@ -511,10 +515,11 @@ def bench_rotation_protocol(model, threads, segments=((200, 320), (700, 820), (1
              "step_signed_pct_where_stride_distance_ge_0.2": _stats(_pct(est[far], true[far])),
              "strides": _counts(stride)}
     table["per-step, stride per region"] = entry
-    rows.append(["per-step, stride per region", entry["values"], entry["failed"], cell(entry["true_step_median_mm"], 3),
-                 cell(entry["step_abs_error_mm"]["median"], 3),
+    rows.append(["per-step, stride per region", entry["values"], entry["failed"],
+                 cell(entry["true_step_median_mm"], 3), cell(entry["step_abs_error_mm"]["median"], 3),
                  cell(entry["step_error_pct_where_stride_distance_ge_0.2"]["median"], 1),
-                 cell(entry["step_error_pct_where_stride_distance_ge_0.2"]["mean"], 1), "-", "-", "-", "-", "-", "-"])
+                 cell(entry["step_error_pct_where_stride_distance_ge_0.2"]["mean"], 1),
+                 "-", "-", "-", "-", "-", "-"])
     print("\n3. Rotation protocol (forearm; 3 segments of 120 frames): |d| at the patch centre, angle between "
           "planes, in-plane motion; last row: per-step |d| per depth region (chosen-stride distance / stride, "
           "StridePlan.step_distances) against the true distance over those frames / stride (% where that distance "
@@ -591,14 +596,16 @@ def bench_heldout(model, data_dir, threads):
                               progress=False)
     edges = np.arange(0.0, 110.0, 10.0)
     r = band_residuals(model, samples, edges_mm=edges)
-    rows = [[f"{edges[b]:.0f}-{edges[b + 1]:.0f}", int(r["samples"][b]), int(r["inverted"][b]), cell(r["rms_mm"][b], 3),
-             cell(r["median_abs_mm"][b], 3)] for b in range(edges.size - 1) if r["samples"][b]]
+    rows = [[f"{edges[b]:.0f}-{edges[b + 1]:.0f}", int(r["samples"][b]), int(r["inverted"][b]),
+             cell(r["rms_mm"][b], 3), cell(r["median_abs_mm"][b], 3)]
+            for b in range(edges.size - 1) if r["samples"][b]]
     estimate, _ = model.distance(samples.rho, samples.depth_mm, samples.rotation_rad, samples.tilt_rad)
     ok = np.isfinite(estimate)
     overall = {"samples": len(samples), "inverted": int(ok.sum()),
                "rms_mm": float(np.sqrt(np.mean((estimate[ok] - samples.distance_mm[ok]) ** 2))),
                "median_abs_mm": float(np.median(np.abs(estimate[ok] - samples.distance_mm[ok])))}
-    rows.append(["all", overall["samples"], overall["inverted"], cell(overall["rms_mm"], 3), cell(overall["median_abs_mm"], 3)])
+    rows.append(["all", overall["samples"], overall["inverted"], cell(overall["rms_mm"], 3),
+                 cell(overall["median_abs_mm"], 3)])
     print(f"\n5. Held-out per-patch distances ({data_dir}: {', '.join(samples.scans)}; {len(samples.pairs)} pairs)")
     print(format_table(["depth mm", "samples", "inverted", "RMS err mm", "median |err| mm"], rows))
     return {"data": str(data_dir), "scans": list(samples.scans), "pairs": int(len(samples.pairs)),

@@ -149,18 +149,20 @@ def main(argv=None):
                         threads=threads)
 
     def summary(numbers):
+        by_distance = numbers["median_correlation_by_distance"]
         return (f"revisits {numbers['revisit_fraction']:.2f}, median correlation by RMS distance "
-                + ", ".join(f"{band} mm {cell(v, 2)}" for band, v in numbers["median_correlation_by_distance"].items()))
+                + ", ".join(f"{band} mm {cell(v, 2)}" for band, v in by_distance.items()))
 
     for folder, per_scan in scan_results(args.data, measure, summary, log):
         results[str(folder)] = per_scan
         scans = list(per_scan.values())
         for threshold in thresholds:
             flagged = [s["thresholds"][str(threshold)] for s in scans]
+            mean = {key: mean_known([f[key] for f in flagged])
+                    for key in ("flagged", "within_2mm", "within_5mm", "recall_1mm")}
             rows.append([Path(folder).name, len(scans), cell(mean_known([s["revisit_fraction"] for s in scans]), 2),
-                         f"{threshold:g}", f"{mean_known([f['flagged'] for f in flagged]):.0f}",
-                         cell(mean_known([f["within_2mm"] for f in flagged]), 3), cell(mean_known([f["within_5mm"] for f in flagged]), 3),
-                         cell(mean_known([f["recall_1mm"] for f in flagged]), 3)])
+                         f"{threshold:g}", f"{mean['flagged']:.0f}", cell(mean["within_2mm"], 3),
+                         cell(mean["within_5mm"], 3), cell(mean["recall_1mm"], 3)])
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
     print(format_table(["data", "scans", "revisits", "threshold", "flagged/scan", "<2 mm", "<5 mm", "recall <1 mm"],
                        rows))

@@ -5,7 +5,8 @@ Usage:
         [--threads 2] [--json FILE]
 
     # e.g. on the folders benchmarks/accuracy.py --out acc keeps:
-    python benchmarks/tilt_bias.py acc/data/linear_240x320_1000 --model acc/calibration/240x320_1000_seed2.json
+    python benchmarks/tilt_bias.py acc/data/linear_240x320_1000 \\
+        --model acc/calibration/240x320_1000_seed2.json
 
 Why: for an elevational sweep, a distance bias that grows linearly with depth and a steady tilt
 about image x give the same patch correlations at every stride (to first order the pair (i, i + s)
@@ -88,7 +89,8 @@ def main(argv=None):
     parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
     parser.add_argument("--model", required=True, help="calibration or model JSON")
     parser.add_argument("--gradient", type=float, action="append", metavar="PCT",
-                        help=f"σ gradient in %% per {GRADIENT_SPAN_MM:g} mm of depth (repeatable; default -2 -1 0 1 2)")
+                        help=f"σ gradient in %% per {GRADIENT_SPAN_MM:g} mm of depth "
+                             "(repeatable; default -2 -1 0 1 2)")
     parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
     parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

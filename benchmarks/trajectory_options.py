@@ -192,8 +192,8 @@ def main(argv=None):
                ("score", "score", 3), ("drift_percent", "drift %", 2), ("scale", "scale", 3),
                ("sign_accuracy", "sign", 3), ("seconds", "s/scan", 1)]
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
-    print(format_table([title for _, title, _ in columns],
-                       [[cell(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]))
+    table = [[cell(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]
+    print(format_table([title for _, title, _ in columns], table))
     print(f"bundle adjustment started from: {args.start}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "start": args.start,

@@ -549,7 +549,7 @@ def _key_frames(meas, key_rho):
 
 
 def _key_steps(meas, key_rho):
-    """Key frames (K,), the ρ (K − 1, P) of each key step (k_m, k_m+1) and its in-plane rotation (K − 1,)."""
+    """Key frames (K,), the ρ (K − 1, P) of each key step (k_m, k_m+1), its in-plane rotation (K − 1,)."""
     keys = _key_frames(meas, key_rho)
     rho = meas.correlate(np.stack([keys[:-1], keys[1:]], axis=1))
     theta = meas.inplane_between(keys[:-1], keys[1:])[:, 2]
