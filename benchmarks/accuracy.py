@@ -114,6 +114,26 @@ SWEEP_MM = 20.0  # drift is reported when the image centre travelled at least th
 # ------------------------------------------------------------------------------------------ data
 
 
+WRITTEN_BY = ".written_by_accuracy_py"  # marks the folders this script may delete and write again
+
+
+def fresh_folder(root, *, known=()):
+    """Empty ``root`` for this run, deleting it first only if this script wrote it.
+
+    A folder counts as ours if it holds the marker file :data:`WRITTEN_BY`, or nothing but entries
+    named in ``known`` (folders written before the marker existed). ``--out`` may point anywhere, so
+    any other folder is left alone and the run stops with one line naming it.
+    """
+    if root.exists():
+        entries = {entry.name for entry in root.iterdir()}
+        if WRITTEN_BY not in entries and not entries <= set(known):
+            raise SystemExit(f"accuracy.py: {root} exists and was not written by this script; "
+                             "remove it or choose another --out")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / WRITTEN_BY).touch()
+
+
 def scan_shapes(root):
     """{SUBJECT/SCAN: (N, H, W)} of a data folder, or None when it cannot be opened."""
     try:
@@ -140,8 +160,7 @@ def simulate_folder(root, scans, *, probe, n_frames, log):
     if found == expected:
         log(f"reusing {root} ({len(expected)} scan(s))")
         return 0.0
-    if root.exists():  # ours, from a run with other settings: start afresh so no stale scan is left
-        shutil.rmtree(root)
+    fresh_folder(root)  # no stale scan of a run with other settings may be left
     start = time.perf_counter()
     for protocol, subject, seed in scans:
         simulate_dataset(root, protocol=protocol, subjects=(subject,), n_frames=n_frames, layout="train",
@@ -308,8 +327,7 @@ def run_one(run, *, dataset, model, prior, calibration_locals, extra, pred_root,
         truths[scan.key] = truth
         geometries[scan.key] = ScanGeometry(scan, truth.grid)
 
-    if pred_root.exists():  # ours: no file of an earlier run may pass for this run's
-        shutil.rmtree(pred_root)
+    fresh_folder(pred_root, known=BUILT_IN)  # no file of an earlier run may pass for this run's
     start = time.perf_counter()
     summary = reconstruct_dataset(dataset, pred_root / OURS, model=model, direction_prior=prior, threads=threads,
                                   overwrite=True, progress=False)

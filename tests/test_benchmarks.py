@@ -87,6 +87,31 @@ def test_accuracy_with_an_extra_prediction_folder(scripts, tmp_path, capsys):
     assert "learned" in table and "speckle_rec_true_mirror" in table
 
 
+def test_accuracy_replaces_only_its_own_folders(scripts, tmp_path):
+    accuracy, _ = scripts
+    ours = tmp_path / "ours"
+    accuracy.fresh_folder(ours)
+    (ours / "stale.h5").write_bytes(b"old run")
+    accuracy.fresh_folder(ours)
+    assert sorted(p.name for p in ours.iterdir()) == [accuracy.WRITTEN_BY]
+
+    legacy = tmp_path / "legacy"  # prediction folders written before the marker existed
+    (legacy / accuracy.OURS).mkdir(parents=True)
+    accuracy.fresh_folder(legacy, known=accuracy.BUILT_IN)
+    assert sorted(p.name for p in legacy.iterdir()) == [accuracy.WRITTEN_BY]
+
+    foreign = tmp_path / "out" / "calibration" / "120x160_100_seed2"  # what --out below would simulate into
+    foreign.mkdir(parents=True)
+    (foreign / "mine.h5").write_bytes(b"someone's scan")
+    with pytest.raises(SystemExit, match="not written by this script"):
+        accuracy.main(["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120", "--width",
+                       "160", "--calibration-frames", "100", "--full-frames", "0", "--out", str(tmp_path / "out"),
+                       "--quiet"])
+    assert (foreign / "mine.h5").read_bytes() == b"someone's scan"
+    with pytest.raises(SystemExit, match="not written by this script"):
+        accuracy.fresh_folder(foreign, known=accuracy.BUILT_IN)
+
+
 def test_speed_runs_every_stage(scripts, tmp_path, capsys):
     _, speed = scripts
     path = tmp_path / "speed.json"
