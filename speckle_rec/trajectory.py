@@ -606,21 +606,25 @@ def _triplet_terms(meas, keys, planes, opts):
     return pair_costs, triple_costs
 
 
-def _resolve_key_signs(meas, keys, planes, covariance, opts):
-    """Signs of the key steps (stage 2); returns signs and a diagnostics dict."""
+def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
+    """Signs of the key steps (stage 2), or ``sign_oracle``'s; returns signs and a diagnostics dict."""
     n = keys.size - 1
     anchors = _anchor_design(meas)
     lengths = np.diff(keys).astype(np.float64)
     velocity = (planes @ anchors.T) / lengths[:, None]
-    noise = np.sqrt(np.einsum("ai,mij,aj->ma", anchors, covariance, anchors).mean(axis=1)) / lengths
-    pair_costs, triple_costs = _triplet_terms(meas, keys, planes, opts)
-    scale = np.median(np.linalg.norm(velocity, axis=1)) if n else 1.0
-    result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
-                           acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
-    signed = result.signs[:, None] * velocity
+    if sign_oracle is None:
+        noise = np.sqrt(np.einsum("ai,mij,aj->ma", anchors, covariance, anchors).mean(axis=1)) / lengths
+        pair_costs, triple_costs = _triplet_terms(meas, keys, planes, opts)
+        scale = np.median(np.linalg.norm(velocity, axis=1)) if n else 1.0
+        result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
+                               acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
+        signs, uncertain = result.signs, int(np.sum(result.flip_margin < 1.0))
+    else:
+        signs, uncertain = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None
+    signed = signs[:, None] * velocity
     reversals = int(np.sum(np.einsum("ma,ma->m", signed[1:], signed[:-1]) < 0))
-    return result.signs, {"key_steps": int(n), "reversals": reversals,
-                          "uncertain_junctions": int(np.sum(result.flip_margin < 1.0))}
+    return signs, {"key_steps": int(n), "reversals": reversals, "uncertain_junctions": uncertain,
+                   "oracle": sign_oracle is not None}
 
 
 # --------------------------------------------------------------------------- initial trajectory
@@ -1109,16 +1113,15 @@ def estimate_trajectory(frames, *, spacing_mm, model, mask=None, threads=None, p
 def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
     """Stages 2-5 on measurements (real, or synthetic in tests).
 
-    ``sign_oracle(keys, planes) -> signs`` replaces the key-step signs (diagnostics with the truth:
-    ``benchmarks/trajectory_options.py --start oracle-signs``).
+    ``sign_oracle(keys, planes) -> signs`` replaces the sign stage's key-step signs, and the
+    diagnostics describe those (measuring with the truth: ``benchmarks/trajectory_options.py
+    --start oracle-signs``).
     """
     clock = time.perf_counter()
     keys, step_rho, step_theta = _key_steps(meas, opts["key_rho"])
     free = fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])
     pivot, planes, covariance, pivot_cost = _decide_pivot(meas, step_rho, step_theta, free, opts)
-    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts)
-    if sign_oracle is not None:
-        signs = np.asarray(sign_oracle(keys, planes), dtype=np.float64)
+    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle)
     seconds["signs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -209,6 +209,24 @@ def test_synthetic_pipeline_with_correct_model():
     assert mean_point_error(estimate, truth, MEDIUM) < 0.25 * identity
 
 
+def test_sign_oracle_replaces_the_signs_and_their_diagnostics():
+    poses = probe_trajectory(1000, protocol="linear", probe=MEDIUM, seed=4)[:120]
+    meas = synthetic_measurements(poses, MEDIUM)
+    opts = dict(T.DEFAULT_OPTIONS, first_direction=None, max_iterations=0)
+    found = T._estimate(meas, opts, False, {}).diagnostics
+    assert found["signs"]["oracle"] is False and found["signs"]["reversals"] <= 2  # a sweep
+    assert isinstance(found["signs"]["uncertain_junctions"], int)
+
+    def alternate(keys, planes):
+        return np.where(np.arange(keys.size - 1) % 2 == 0, 1.0, -1.0)
+
+    forced = T._estimate(meas, opts, False, {}, sign_oracle=alternate).diagnostics
+    steps = forced["signs"]["key_steps"]
+    assert forced["key_signs"] == alternate(np.arange(steps + 1), None).tolist()
+    assert forced["signs"]["oracle"] is True and forced["signs"]["uncertain_junctions"] is None
+    assert forced["signs"]["reversals"] >= steps - 1 - found["signs"]["reversals"]
+
+
 # --------------------------------------------------------------------------- rendered scans
 
 
