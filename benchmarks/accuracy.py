@@ -68,6 +68,8 @@ Everything goes through the public path, so any method's prediction folder is sc
 Prints one table (rows = run x method) and with ``--json FILE`` writes every number: the machine,
 the options, per run the calibration, evaluate's full output (per-scan rows) and the per-scan
 sign / drift values. Without ``--out`` everything is written to a temporary folder and removed.
+Under ``--out`` a data or prediction folder is replaced only if this script wrote it; any other
+folder in the way stops the run, untouched.
 """
 
 import argparse

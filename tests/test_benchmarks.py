@@ -103,10 +103,10 @@ def test_accuracy_replaces_only_its_own_folders(scripts, tmp_path):
     foreign = tmp_path / "out" / "calibration" / "120x160_100_seed2"  # what --out below would simulate into
     foreign.mkdir(parents=True)
     (foreign / "mine.h5").write_bytes(b"someone's scan")
+    args = ["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120", "--width", "160",
+            "--calibration-frames", "100", "--full-frames", "0", "--out", str(tmp_path / "out"), "--quiet"]
     with pytest.raises(SystemExit, match="not written by this script"):
-        accuracy.main(["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120", "--width",
-                       "160", "--calibration-frames", "100", "--full-frames", "0", "--out", str(tmp_path / "out"),
-                       "--quiet"])
+        accuracy.main(args)
     assert (foreign / "mine.h5").read_bytes() == b"someone's scan"
     with pytest.raises(SystemExit, match="not written by this script"):
         accuracy.fresh_folder(foreign, known=accuracy.BUILT_IN)
