@@ -46,6 +46,7 @@ from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.threads import set_threads
 
 from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
+from trajectory_options import true_step_planes
 
 GRADIENT_SPAN_MM = 20.0  # --gradient is a percentage per this much depth
 
@@ -65,8 +66,7 @@ def run_scan(scan, calibration, model, gradients, threads):
     meas = trajectory._measure(frames, fan_mask_from_frames(frames), calibration.spacing_mm, model, options,
                                threads, False)
     keys, rho, theta = trajectory._key_steps(meas, options["key_rho"])
-    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
-    true_planes = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+    true_planes = true_step_planes(truth, keys)
     centroid = np.array([1.0, meas.grid.x_mm.mean(), meas.grid.y_mm.mean()])
     true_z = true_planes @ centroid
     out = {"frames": int(meas.n_frames), "key_steps": int(keys.size - 1), "gradients": {}}

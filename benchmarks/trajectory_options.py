@@ -99,14 +99,19 @@ def motion_numbers(truth, geometry, frame_to_first, identity_errors):
     return numbers
 
 
+def true_step_planes(truth, keys):
+    """(K − 1, 3) true plane (tz, a, b) of each key step ``keys[m] → keys[m + 1]``."""
+    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
+    return trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+
+
 def true_key_signs(meas, truth):
     """``sign_oracle`` for :func:`speckle_rec.trajectory._estimate`: the sign of each key step's
     |plane| that agrees with the true step at the anchors."""
-    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
     anchors = trajectory._anchor_design(meas)
 
     def oracle(keys, planes):
-        true_steps = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+        true_steps = true_step_planes(truth, keys)
         agreement = np.sum((true_steps @ anchors.T) * (planes @ anchors.T), axis=1)
         return np.where(agreement < 0, -1.0, 1.0)
 

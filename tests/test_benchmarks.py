@@ -38,6 +38,11 @@ def scripts():
         sys.path.remove(str(BENCHMARKS))
 
 
+# one linear scan of 60 frames at 120x160, calibrated on 100-frame scans (their folder: 120x160_100_seed2)
+TINY_ACCURACY = ["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120",
+                 "--width", "160", "--calibration-frames", "100", "--full-frames", "0", "--quiet"]
+
+
 def finite(value):
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -50,8 +55,7 @@ def test_accuracy_with_an_extra_prediction_folder(scripts, tmp_path, capsys):
     from speckle_rec.transforms import globals_from_locals, matrices_from_params
 
     out, first = tmp_path / "out", tmp_path / "first.json"
-    size = ["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120", "--width", "160",
-            "--calibration-frames", "100", "--full-frames", "0", "--out", str(out), "--quiet"]
+    size = TINY_ACCURACY + ["--out", str(out)]
     assert accuracy.main(size + ["--json", str(first)]) == 0
     run = json.loads(first.read_text())["runs"][0]["name"]
     assert run == "linear_120x160_60"
@@ -103,10 +107,8 @@ def test_accuracy_replaces_only_its_own_folders(scripts, tmp_path):
     foreign = tmp_path / "out" / "calibration" / "120x160_100_seed2"  # what --out below would simulate into
     foreign.mkdir(parents=True)
     (foreign / "mine.h5").write_bytes(b"someone's scan")
-    args = ["--protocols", "linear", "--seeds", "1", "--frames", "60", "--height", "120", "--width", "160",
-            "--calibration-frames", "100", "--full-frames", "0", "--out", str(tmp_path / "out"), "--quiet"]
     with pytest.raises(SystemExit, match="not written by this script"):
-        accuracy.main(args)
+        accuracy.main(TINY_ACCURACY + ["--out", str(tmp_path / "out")])
     assert (foreign / "mine.h5").read_bytes() == b"someone's scan"
     with pytest.raises(SystemExit, match="not written by this script"):
         accuracy.fresh_folder(foreign, known=accuracy.BUILT_IN)
