@@ -209,6 +209,34 @@ def test_tilt_bias_runs_on_a_tiny_sweep(tmp_path, capsys):
     assert "strictly between -50 and 50" in capsys.readouterr().err
 
 
+def test_tilt_tail_bins_by_elevation_and_tilt():
+    tilt_tail = benchmark_script("tilt_tail")
+    z = np.array([0.1, 0.2, 0.5, 0.5, 1.0, 5.0, 0.1])
+    tilt = np.array([0.1, 0.1, 0.3, 3.0, 2.0, 0.1, 9.0])  # the last two fall outside the edges
+    sums = tilt_tail.binned_sums(z, tilt, {"measured": np.arange(7.0)})
+    expected = np.zeros((3, 6))
+    expected[0, 0], expected[1, 1], expected[1, 5], expected[2, 4] = 2, 1, 1, 1
+    assert np.array_equal(sums["samples"], expected)
+    assert sums["measured"][0, 0] == 0.0 + 1.0 and sums["measured"][1, 5] == 3.0 and sums["measured"][2, 4] == 4.0
+    assert sums["measured"].sum() == 0.0 + 1.0 + 2.0 + 3.0 + 4.0
+
+
+def test_tilt_tail_runs_on_a_tiny_sweep(tmp_path, capsys):
+    tilt_tail = benchmark_script("tilt_tail")
+    data, model = tiny_sweep(tmp_path)
+    out = tmp_path / "tail.json"
+    assert tilt_tail.main([str(data), "--model", str(model), "--json", str(out), "--quiet"]) == 0
+    assert "no tilt" in capsys.readouterr().out
+    folder = json.loads(out.read_text())["folders"][str(data)]
+    samples = np.array(folder["samples"])
+    assert samples.shape == (3, 6) and samples.sum() > 200
+    # at the true geometry the (uncalibrated) curves' mean ρ lies near the measured mean overall;
+    # a wrong elevation (sign, units, frame) would put it far off
+    measured, model_rho = np.array(folder["measured"]), np.array(folder["model"])
+    assert abs(measured.sum() - model_rho.sum()) / samples.sum() < 0.1
+    assert np.all(np.array(folder["no_tilt"]) >= model_rho - 1e-9)  # the tilt factor only lowers ρ
+
+
 def test_revisit_descriptor_compensates_the_in_plane_chain():
     import cv2
 
