@@ -127,7 +127,8 @@ def main(argv=None):
     print(f"model {args.model}; true geometry from the tracker; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "model": args.model,
-                               "z_edges_mm": Z_EDGES_MM, "tilt_edges_deg": TILT_EDGES_DEG, "folders": results})
+                               "z_edges_mm": Z_EDGES_MM, "tilt_edges_deg": TILT_EDGES_DEG,
+                               "folders": results})
     return 0
 
 

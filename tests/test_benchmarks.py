@@ -217,7 +217,8 @@ def test_tilt_tail_bins_by_elevation_and_tilt():
     expected = np.zeros((3, 6))
     expected[0, 0], expected[1, 1], expected[1, 5], expected[2, 4] = 2, 1, 1, 1
     assert np.array_equal(sums["samples"], expected)
-    assert sums["measured"][0, 0] == 0.0 + 1.0 and sums["measured"][1, 5] == 3.0 and sums["measured"][2, 4] == 4.0
+    measured = sums["measured"]
+    assert measured[0, 0] == 0.0 + 1.0 and measured[1, 5] == 3.0 and measured[2, 4] == 4.0
     assert sums["measured"].sum() == 0.0 + 1.0 + 2.0 + 3.0 + 4.0
 
 
