@@ -35,13 +35,12 @@ import cv2
 import numpy as np
 
 from cli.output import format_table, write_json
-from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.threads import set_threads
 
 from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
+from trajectory_options import measure_scan
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
 SKIN_MM = 8.0  # rows this close to the top of the fan are left out (skin layers)
@@ -87,12 +86,8 @@ def descriptor_correlation(stack, mask, chain, spacing_mm, frames):
 
 def run_scan(scan, calibration, *, min_gap, every, thresholds, threads):
     truth = ScanTruth.load(scan, calibration)
-    frames = scan.read_frames()
-    mask = fan_mask_from_frames(frames)
     # stride-1 pairs only: the chain and the patch grid are all this needs
-    opts = trajectory._check_options({"strides": (1,)})
-    meas = trajectory._measure(frames, mask, calibration.spacing_mm, DecorrelationModel.default(), opts,
-                               threads, False)
+    meas = measure_scan(scan, calibration, DecorrelationModel.default(), threads, strides=(1,))
     poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
     picked = np.arange(0, poses.shape[0], every)
     first, second = np.triu_indices(picked.size, max(1, -(-min_gap // every)))

@@ -42,11 +42,10 @@ from cli.output import format_table, write_json
 from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.threads import set_threads
 
 from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
-from trajectory_options import true_step_planes
+from trajectory_options import measure_scan, true_step_planes
 
 GRADIENT_SPAN_MM = 20.0  # --gradient is a percentage per this much depth
 
@@ -61,10 +60,8 @@ def with_sigma_gradient(model, percent):
 
 def run_scan(scan, calibration, model, gradients, threads):
     truth = ScanTruth.load(scan, calibration)
-    frames = scan.read_frames()
     options = trajectory._check_options({})
-    meas = trajectory._measure(frames, fan_mask_from_frames(frames), calibration.spacing_mm, model, options,
-                               threads, False)
+    meas = measure_scan(scan, calibration, model, threads)
     keys, rho, theta = trajectory._key_steps(meas, options["key_rho"])
     true_planes = true_step_planes(truth, keys)
     centroid = np.array([1.0, meas.grid.x_mm.mean(), meas.grid.y_mm.mean()])

@@ -34,10 +34,10 @@ from cli.output import format_table, write_json
 from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.threads import set_threads
 
 from _machine import describe, machine_info, scan_results, stderr_log
+from trajectory_options import measure_scan
 
 Z_EDGES_MM = (0.0, 0.3, 0.7, 1.2)
 TILT_EDGES_DEG = (0.0, 0.25, 0.5, 1.0, 1.5, 2.5, 4.0)
@@ -74,9 +74,7 @@ def binned_sums(z_mm, tilt_deg, columns):
 
 def run_scan(scan, calibration, model, threads):
     truth = ScanTruth.load(scan, calibration)
-    frames = scan.read_frames()
-    meas = trajectory._measure(frames, fan_mask_from_frames(frames), calibration.spacing_mm, model,
-                               trajectory._check_options({}), threads, False)
+    meas = measure_scan(scan, calibration, model, threads)
     poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
     pi, pj = meas.pairs[:, 0], meas.pairs[:, 1]
     planes = trajectory._planes_of(np.linalg.solve(poses[pi], poses[pj]))

@@ -99,6 +99,13 @@ def motion_numbers(truth, geometry, frame_to_first, identity_errors):
     return numbers
 
 
+def measure_scan(scan, calibration, model, threads, **options):
+    """Stage 1 of :func:`speckle_rec.trajectory.estimate_trajectory` on a scan (``options``: its settings)."""
+    frames = scan.read_frames()
+    return trajectory._measure(frames, fan_mask_from_frames(frames), calibration.spacing_mm, model,
+                               trajectory._check_options(options), threads, False)
+
+
 def true_step_planes(truth, keys):
     """(K − 1, 3) true plane (tz, a, b) of each key step ``keys[m] → keys[m + 1]``."""
     poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
@@ -123,11 +130,8 @@ def run_scan(scan, calibration, variants, *, start_from, threads):
     geometry = ScanGeometry(scan, truth.grid)
     eye = np.tile(np.eye(4), (truth.n_frames - 1, 1, 1))
     identity_errors = truth.errors_of_transforms(eye, eye)
-    frames = scan.read_frames()
-    mask = fan_mask_from_frames(frames)
     first_model = variants[0][2]
-    meas = trajectory._measure(frames, mask, calibration.spacing_mm, first_model, trajectory._check_options({}),
-                               threads, False)
+    meas = measure_scan(scan, calibration, first_model, threads)
     points = np.stack([meas.grid.x_mm, meas.grid.y_mm], axis=1)
     true_direction = first_direction(truth.frame_to_first, points)
     out = {}
