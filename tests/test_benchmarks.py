@@ -219,7 +219,7 @@ def test_tilt_tail_bins_by_elevation_and_tilt():
     assert np.array_equal(sums["samples"], expected)
     measured = sums["measured"]
     assert measured[0, 0] == 0.0 + 1.0 and measured[1, 5] == 3.0 and measured[2, 4] == 4.0
-    assert sums["measured"].sum() == 0.0 + 1.0 + 2.0 + 3.0 + 4.0
+    assert measured.sum() == 0.0 + 1.0 + 2.0 + 3.0 + 4.0
 
 
 def test_tilt_tail_runs_on_a_tiny_sweep(tmp_path, capsys):
