@@ -40,7 +40,7 @@ from speckle_rec.evaluate import ScanTruth
 from speckle_rec.threads import set_threads
 
 from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
-from trajectory_options import measure_scan
+from trajectory_options import measure_scan, true_poses
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
 SKIN_MM = 8.0  # rows this close to the top of the fan are left out (skin layers)
@@ -88,7 +88,7 @@ def run_scan(scan, calibration, *, min_gap, every, thresholds, threads):
     truth = ScanTruth.load(scan, calibration)
     # stride-1 pairs only: the chain and the patch grid are all this needs
     meas = measure_scan(scan, calibration, DecorrelationModel.default(), threads, strides=(1,))
-    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
+    poses = true_poses(truth)
     picked = np.arange(0, poses.shape[0], every)
     first, second = np.triu_indices(picked.size, max(1, -(-min_gap // every)))
     i, j = picked[first], picked[second]

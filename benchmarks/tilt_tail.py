@@ -38,7 +38,7 @@ from speckle_rec.evaluate import ScanTruth
 from speckle_rec.threads import set_threads
 
 from _machine import describe, machine_info, scan_results, stderr_log
-from trajectory_options import measure_scan
+from trajectory_options import measure_scan, true_pair_planes
 
 Z_EDGES_MM = (0.0, 0.3, 0.7, 1.2)
 TILT_EDGES_DEG = (0.0, 0.25, 0.5, 1.0, 1.5, 2.5, 4.0)
@@ -76,9 +76,8 @@ def binned_sums(z_mm, tilt_deg, columns):
 def run_scan(scan, calibration, model, threads):
     truth = ScanTruth.load(scan, calibration)
     meas = measure_scan(scan, calibration, model, threads)
-    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
     pi, pj = meas.pairs[:, 0], meas.pairs[:, 1]
-    planes = trajectory._planes_of(np.linalg.solve(poses[pi], poses[pj]))
+    planes = true_pair_planes(truth, pi, pj)
     theta = meas.inplane_between(pi, pj)[:, 2][:, None]
     x, y = meas.grid.x_mm, meas.grid.y_mm
     z = np.abs(planes @ np.stack([np.ones_like(x), x, y]))

@@ -106,10 +106,20 @@ def measure_scan(scan, calibration, model, threads, **options):
                                trajectory._check_options(options), threads, False)
 
 
+def true_poses(truth):
+    """(N, 4, 4) true frame → frame 0 poses, frame 0's (the identity) included."""
+    return np.concatenate([np.eye(4)[None], truth.frame_to_first])
+
+
+def true_pair_planes(truth, i, j):
+    """(M, 3) true plane (tz, a, b) of frame ``j[m]`` in frame ``i[m]``'s coordinates."""
+    poses = true_poses(truth)
+    return trajectory._planes_of(np.linalg.solve(poses[i], poses[j]))
+
+
 def true_step_planes(truth, keys):
     """(K − 1, 3) true plane (tz, a, b) of each key step ``keys[m] → keys[m + 1]``."""
-    poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
-    return trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+    return true_pair_planes(truth, keys[:-1], keys[1:])
 
 
 def true_key_signs(meas, truth):
@@ -142,8 +152,7 @@ def run_scan(scan, calibration, variants, *, start_from, threads):
         opts = trajectory._check_options(dict(options, first_direction=None))
         start = time.perf_counter()
         if start_from == "truth":
-            poses = np.concatenate([np.eye(4)[None], truth.frame_to_first])
-            frame_to_first = trajectory._bundle_adjust(meas, poses, opts, False, False)[0][1:]
+            frame_to_first = trajectory._bundle_adjust(meas, true_poses(truth), opts, False, False)[0][1:]
         else:
             oracle = true_key_signs(meas, truth) if start_from == "oracle-signs" else None
             frame_to_first = trajectory._estimate(meas, opts, False, {}, sign_oracle=oracle).frame_to_first
