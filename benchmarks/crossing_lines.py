@@ -1,0 +1,251 @@
+"""Do crossing image planes share their line of speckle, and can that decide a sign junction?
+
+Usage:
+    python benchmarks/crossing_lines.py DATA_DIR [DATA_DIR ...] --model CALIB.json [--pairs 40]
+        [--every 10] [--seed 0] [--threads 2] [--json FILE]
+
+    # e.g. on the rotation folder benchmarks/accuracy.py --out acc keeps:
+    python benchmarks/crossing_lines.py acc/data/rotation_240x320_1000 \\
+        --model acc/calibration/240x320_1000_seed2.json
+
+Why: two frames whose planes cross at a clear angle image the same tissue along their line of
+intersection, so their pixels along that line correlate. Flipping the out-of-plane direction of
+the motion after a key frame ``k`` moves every later plane, and with it the line each later frame
+shares with the earlier ones. A pair that straddles ``k`` can thus test the sign junction at
+``k``, however far apart in time (the rock phase between two fans of the rotation protocol has
+no out-of-plane motion to carry the relative sign across, see :mod:`speckle_rec.direction`).
+
+Per scan: the frames are measured and the trajectory estimated as
+:func:`speckle_rec.trajectory.estimate_trajectory` does, then mirrored to the true first
+direction. Each key junction (between key steps that both move ≥ ``MIN_STEP_MM`` RMS at the
+anchors) is *wrong* when the estimated and the true poses disagree on whether the two steps go
+the same way. All wrong junctions and every ``--every``-th right one are tested: over up to
+``--pairs`` random pairs ``i ≤ k < j`` whose planes cross (sine of the angle ≥ ``MIN_SINE``), the
+flip gain is the mean line correlation with the motion after ``k`` mirrored through frame ``k``'s
+plane, minus that with the poses as they are (column ``line ρ``: the mean of the latter over the
+tested junctions' pairs). This is done twice, on the true poses and on the estimated ones. On the
+true poses a flip should lower the line correlation at every junction. On the estimated ones the
+test decides a junction when the gain is positive where the junction is wrong and negative where
+it is right.
+
+Line correlation: the frames ``meas.stack`` (smoothed as the model measures), minus a Gaussian
+blur of ``HIGHPASS_PX`` (the tissue's slow brightness would correlate any two lines), are sampled
+every ``STEP_MM`` along the intersection line inside both fans and deeper than ``MIN_DEPTH_MM``
+(bilinear), and correlated (Pearson). The high-passed stack is held in memory as float32 (300 MB
+for 1000 frames at 240×320).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+from cli.output import format_table, write_json
+from speckle_rec import trajectory
+from speckle_rec.decorrelation import DecorrelationModel
+from speckle_rec.direction import MIRROR, first_direction, mirror
+from speckle_rec.evaluate import ScanTruth
+from speckle_rec.threads import set_threads
+
+from _machine import cell, describe, machine_info, scan_results, stderr_log
+from trajectory_options import measure_scan, true_poses
+
+HIGHPASS_PX = 8.0
+STEP_MM = 0.1
+MIN_DEPTH_MM = 4.0
+MIN_POINTS = 50
+MIN_SINE = 0.2
+MIN_STEP_MM = 0.1
+
+
+def highpass(stack):
+    """(N, H, W) float32 frames minus their Gaussian blur of ``HIGHPASS_PX``."""
+    out = np.empty(stack.shape, np.float32)
+    for k, frame in enumerate(stack):
+        frame = frame.astype(np.float32)
+        out[k] = frame - cv2.GaussianBlur(frame, (0, 0), HIGHPASS_PX, borderType=cv2.BORDER_REPLICATE)
+    return out
+
+
+def line_correlation(image_i, image_j, mask, spacing, j_to_i):
+    """Pearson correlation of two frames along the line where frame j's plane crosses frame i's.
+
+    Parameters
+    ----------
+    image_i, image_j : (H, W) float32 ndarray
+        High-passed frames.
+    mask : (H, W) bool ndarray
+        Imaged region (the fan), shared by both frames.
+    spacing : (float, float)
+        (sx, sy) mm per pixel; pixel (column c, row r) is at image-mm ((c + 1)·sx, (r + 1)·sy).
+    j_to_i : (4, 4) ndarray
+        Rigid transform from frame j's image-mm coordinates to frame i's.
+
+    Returns
+    -------
+    float
+        NaN when the planes cross at a sine below ``MIN_SINE`` or fewer than ``MIN_POINTS`` line
+        samples lie inside both fans deeper than ``MIN_DEPTH_MM``.
+    """
+    sx, sy = spacing
+    h, w = mask.shape
+    a, b, c = j_to_i[2, 0], j_to_i[2, 1], j_to_i[2, 3]  # frame i's elevation of j's point (x, y)
+    sine = np.hypot(a, b)
+    if sine < MIN_SINE:
+        return np.nan
+    direction = np.array([-b, a]) / sine
+    foot = -c * np.array([a, b]) / sine**2
+    reach = np.hypot(sx * w, sy * h)
+    t = np.arange(-reach, reach, STEP_MM)
+    xj, yj = foot[0] + t * direction[0], foot[1] + t * direction[1]
+    xi = j_to_i[0, 0] * xj + j_to_i[0, 1] * yj + j_to_i[0, 3]
+    yi = j_to_i[1, 0] * xj + j_to_i[1, 1] * yj + j_to_i[1, 3]
+
+    def pixels(x, y):
+        return [y / sy - 1.0, x / sx - 1.0]
+
+    fan = mask.astype(np.float32)
+    inside = ((map_coordinates(fan, pixels(xi, yi), order=1, cval=0.0) > 0.99)
+              & (map_coordinates(fan, pixels(xj, yj), order=1, cval=0.0) > 0.99)
+              & (yi > MIN_DEPTH_MM) & (yj > MIN_DEPTH_MM))
+    if inside.sum() < MIN_POINTS:
+        return np.nan
+    vi = map_coordinates(image_i, pixels(xi[inside], yi[inside]), order=1)
+    vj = map_coordinates(image_j, pixels(xj[inside], yj[inside]), order=1)
+    vi, vj = vi - vi.mean(), vj - vj.mean()
+    norm = np.sqrt(np.sum(vi * vi) * np.sum(vj * vj))
+    return float(np.sum(vi * vj) / norm) if norm > 0 else np.nan
+
+
+def flipped_after(poses, k):
+    """(N, 4, 4) frame → frame 0 poses with the motion after frame ``k`` mirrored through frame k's plane."""
+    out = poses.copy()
+    out[k + 1:] = poses[k] @ MIRROR @ np.linalg.solve(poses[k], poses[k + 1:]) @ MIRROR
+    return out
+
+
+def flip_gain(images, mask, spacing, poses, k, rng, pairs):
+    """Flipping the motion after frame k, over random crossing pairs i ≤ k < j: (mean gain, mean line
+    correlation with the poses as they are, pairs used); NaNs when no pair crosses."""
+    n = poses.shape[0]
+    flipped = flipped_after(poses, k)
+    gains, levels = [], []
+    for _ in range(4 * pairs):
+        if len(gains) == pairs:
+            break
+        i, j = int(rng.integers(0, k + 1)), int(rng.integers(k + 1, n))
+        kept = line_correlation(images[i], images[j], mask, spacing, np.linalg.solve(poses[i], poses[j]))
+        moved = line_correlation(images[i], images[j], mask, spacing, np.linalg.solve(flipped[i], flipped[j]))
+        if np.isfinite(kept) and np.isfinite(moved):
+            gains.append(moved - kept)
+            levels.append(kept)
+    if not gains:
+        return np.nan, np.nan, 0
+    return float(np.mean(gains)), float(np.mean(levels)), len(gains)
+
+
+def step_relations(poses, keys, anchors):
+    """(K − 2,) +1 where key steps m and m + 1 move the same way at the anchors, −1 where opposite;
+    and (K − 1,) the RMS anchor elevation of each step (mm)."""
+    planes = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
+    elevation = planes @ anchors.T
+    same = np.sum(elevation[1:] * elevation[:-1], axis=1) >= 0
+    return np.where(same, 1, -1), np.sqrt(np.mean(elevation**2, axis=1))
+
+
+def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
+    truth = ScanTruth.load(scan, calibration)
+    meas = measure_scan(scan, calibration, model, threads)
+    opts = trajectory._check_options(dict(first_direction=None))
+    result = trajectory._estimate(meas, opts, False, {})
+    points = np.stack([meas.grid.x_mm, meas.grid.y_mm], axis=1)
+    frame_to_first = result.frame_to_first
+    if first_direction(frame_to_first, points) != first_direction(truth.frame_to_first, points):
+        frame_to_first = mirror(frame_to_first)
+    estimated = np.concatenate([np.eye(4)[None], frame_to_first])
+    true = true_poses(truth)
+    keys = np.asarray(result.diagnostics["key_frames"], dtype=np.int64)
+    anchors = trajectory._anchor_design(meas)
+    true_relation, true_size = step_relations(true, keys, anchors)
+    estimated_relation, _ = step_relations(estimated, keys, anchors)
+    moving = (true_size[1:] >= MIN_STEP_MM) & (true_size[:-1] >= MIN_STEP_MM)
+    wrong = estimated_relation != true_relation
+    right_index = np.nonzero(moving & ~wrong)[0]
+    tested = np.union1d(np.nonzero(moving & wrong)[0], right_index[::every])
+    images = highpass(meas.stack)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in tested:
+        k = int(keys[m + 1])
+        row = {"frame": k, "wrong": bool(wrong[m])}
+        for name, poses in (("true", true), ("estimated", estimated)):
+            row[f"gain_{name}"], row[f"rho_{name}"], row[f"pairs_{name}"] = flip_gain(
+                images, meas.mask, meas.spacing, poses, k, rng, pairs)
+        rows.append(row)
+    return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows}
+
+
+def summarise(junctions, poses):
+    """Table cells for one pose set: the mean line correlation as is; right junctions' mean gain and
+    share < 0; wrong ones' mean gain and share > 0."""
+    levels = np.array([row[f"rho_{poses}"] for row in junctions])
+    levels = levels[np.isfinite(levels)]
+    out = [cell(float(np.mean(levels)) if levels.size else None, 3)]
+    for wrong, better in ((False, np.less), (True, np.greater)):
+        gains = np.array([row[f"gain_{poses}"] for row in junctions if row["wrong"] == wrong])
+        gains = gains[np.isfinite(gains)]
+        if poses == "true" and wrong:
+            out += ["-", "-", "-"]
+            continue
+        out += [str(gains.size), cell(float(np.mean(gains)) if gains.size else None, 3),
+                cell(float(np.mean(better(gains, 0.0))) if gains.size else None, 2)]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
+    parser.add_argument("--model", required=True, help="calibration or model JSON")
+    parser.add_argument("--pairs", type=int, default=40, help="crossing pairs per junction (default 40)")
+    parser.add_argument("--every", type=int, default=10, help="test every n-th right junction (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default 0)")
+    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
+    parser.add_argument("--json", metavar="FILE", help="write every tested junction as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    if args.pairs < 1 or args.every < 1:
+        parser.error("--pairs and --every must be at least 1")
+    model = DecorrelationModel.from_json(args.model)
+    log = stderr_log(args.quiet)
+    threads = set_threads(args.threads)
+    machine = machine_info()
+    started = time.perf_counter()
+
+    def measure(scan, calibration):
+        return run_scan(scan, calibration, model, threads, pairs=args.pairs, every=args.every, seed=args.seed)
+
+    def summary(numbers):
+        return f"{numbers['wrong']} wrong of {numbers['junctions']} junctions, {len(numbers['tested'])} tested"
+
+    results, rows = {}, []
+    for folder, per_scan in scan_results(args.data, measure, summary, log):
+        results[str(folder)] = per_scan
+        tested = [row for numbers in per_scan.values() for row in numbers["tested"]]
+        for poses in ("true", "estimated"):
+            rows.append([Path(folder).name, poses, *summarise(tested, poses)])
+    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(format_table(["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"], rows))
+    print(f"model {args.model}; {args.pairs} pairs per junction, 1 in {args.every} right junctions, "
+          f"seed {args.seed}; {time.perf_counter() - started:.0f} s in all")
+    if args.json:
+        write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "model": args.model,
+                               "folders": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
