@@ -229,7 +229,8 @@ def main(argv=None):
         return run_scan(scan, calibration, model, threads, pairs=args.pairs, every=args.every, seed=args.seed)
 
     def summary(numbers):
-        return f"{numbers['wrong']} wrong of {numbers['junctions']} junctions, {len(numbers['tested'])} tested"
+        tested = len(numbers["tested"])
+        return f"{numbers['wrong']} wrong of {numbers['junctions']} junctions, {tested} tested"
 
     results, rows = {}, []
     for folder, per_scan in scan_results(args.data, measure, summary, log):
@@ -238,7 +239,8 @@ def main(argv=None):
         for poses in ("true", "estimated"):
             rows.append([Path(folder).name, poses, *summarise(tested, poses)])
     print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
-    print(format_table(["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"], rows))
+    header = ["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"]
+    print(format_table(header, rows))
     print(f"model {args.model}; {args.pairs} pairs per junction, 1 in {args.every} right junctions, "
           f"seed {args.seed}; {time.perf_counter() - started:.0f} s in all")
     if args.json:

@@ -324,7 +324,8 @@ def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
 
     crossing_lines = benchmark_script("crossing_lines")
     rng = np.random.default_rng(4)
-    poses = matrices_from_params(np.concatenate([rng.normal(0, 0.3, (8, 3)), rng.normal(0, 5, (8, 3))], axis=1))
+    params = np.concatenate([rng.normal(0, 0.3, (8, 3)), rng.normal(0, 5, (8, 3))], axis=1)
+    poses = matrices_from_params(params)
     poses[0] = np.eye(4)
     flipped = crossing_lines.flipped_after(poses, 3)
     assert np.array_equal(flipped[:4], poses[:4])
