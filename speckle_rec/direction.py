@@ -70,6 +70,12 @@ Under the cost above plus the revisits' tilt residuals the true signs are still 
 chosen ones on most scans: the poorly fitted key steps make them pay more in velocity smoothness
 than the revisits give back.
 
+Not used either: crossing planes. Two frames whose planes cross share the speckle along their
+line of intersection, and mirroring the motion after a junction moves that line, so pairs far
+apart in time could test a junction. On the true poses a mirror lowers the line correlation at
+nearly every junction; on the estimated poses the lines already miss each other and the test is
+a coin flip (``benchmarks/crossing_lines.py``).
+
 The global mirror
 -----------------
 The whole trajectory mirrored through the first image plane (``z → −z`` for every frame,
