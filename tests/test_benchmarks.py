@@ -261,14 +261,20 @@ def test_revisit_descriptor_compensates_the_in_plane_chain():
     assert uncompensated[0, 1] < 0.5
 
 
-def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
+def tiny_rotation(folder):
+    """A 60-frame 120x160 tracked rotation-protocol scan in ``folder / 'rotation'``."""
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
 
-    revisits = benchmark_script("revisits")
-    data = tmp_path / "rotation"
+    data = folder / "rotation"
     simulate_dataset(data, protocol="rotation", n_frames=60, probe=Probe.fit_image(120, 160), seed=2,
                      hands=("LH",))
+    return data
+
+
+def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
+    revisits = benchmark_script("revisits")
+    data = tiny_rotation(tmp_path)
     out = tmp_path / "revisits.json"
     assert revisits.main([str(data), "--min-gap", "10", "--json", str(out), "--quiet"]) == 0
     assert "recall <1 mm" in capsys.readouterr().out
@@ -338,13 +344,9 @@ def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
 
 def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     from speckle_rec.decorrelation import DecorrelationModel
-    from speckle_rec.simulate.dataset import simulate_dataset
-    from speckle_rec.simulate.probe import Probe
 
     crossing_lines = benchmark_script("crossing_lines")
-    data = tmp_path / "rotation"
-    simulate_dataset(data, protocol="rotation", n_frames=60, probe=Probe.fit_image(120, 160), seed=2,
-                     hands=("LH",))
+    data = tiny_rotation(tmp_path)
     model = tmp_path / "model.json"
     DecorrelationModel.default().to_json(model)
     out = tmp_path / "crossing.json"
