@@ -32,7 +32,7 @@ Line correlation: the frames ``meas.stack`` (smoothed as the model measures), mi
 blur of ``HIGHPASS_PX`` (the tissue's slow brightness would correlate any two lines), are sampled
 every ``STEP_MM`` along the intersection line inside both fans and deeper than ``MIN_DEPTH_MM``
 (bilinear), and correlated (Pearson). The high-passed stack is held in memory as float32 (300 MB
-for 1000 frames at 240×320).
+for 1000 frames at 240×320, 2 GB for 1600 frames at 480×640).
 """
 
 import argparse
