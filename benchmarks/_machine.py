@@ -12,11 +12,13 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from speckle_rec.io import open_dataset
+from speckle_rec.threads import set_threads
 
 
 def machine_info():
@@ -69,6 +71,22 @@ def stderr_log(quiet):
             print(line, file=sys.stderr, flush=True)
 
     return log
+
+
+def start_script(quiet, threads):
+    """What a script's ``main()`` sets up first: ``(log, threads, machine, started)``.
+
+    The :func:`stderr_log`, the thread count :func:`speckle_rec.threads.set_threads` applied, the
+    :func:`machine_info` at the start and the ``time.perf_counter()`` clock.
+    """
+    return stderr_log(quiet), set_threads(threads), machine_info(), time.perf_counter()
+
+
+def machine_line(machine, threads, load_end=None):
+    """The line printed above a script's table: :func:`describe` with the load at the end (now, unless
+    ``load_end`` is given) and the thread count."""
+    load_end = load_average() if load_end is None else load_end
+    return describe(machine, load_end=load_end) + f"; {threads} thread(s)"
 
 
 @contextlib.contextmanager

@@ -94,10 +94,9 @@ from speckle_rec.prediction import open_prediction, prediction_path, write_predi
 from speckle_rec.reconstruct import reconstruct_dataset
 from speckle_rec.simulate.dataset import simulate_dataset
 from speckle_rec.simulate.probe import Probe
-from speckle_rec.threads import set_threads
 from speckle_rec.transforms import globals_from_locals, locals_from_globals, transforms_from_tforms
 
-from _machine import cell, describe, load_average, machine_info, mean_known, stderr_log, work_folder
+from _machine import cell, load_average, machine_line, mean_known, start_script, work_folder
 
 PROTOCOLS = ("rotation", "linear", "c-shape", "s-shape")
 CALIBRATION_SUBJECTS = {"rotation": 900, "linear": 910, "c-shape": 920, "s-shape": 930}
@@ -551,11 +550,7 @@ def main(argv=None):
         parser.error("--calibration-data goes with --data")
     extra = parse_pred(args.pred, parser)
 
-    log = stderr_log(args.quiet)
-
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
+    log, threads, machine, started = start_script(args.quiet, args.threads)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": f"python benchmarks/accuracy.py {command}", "machine": machine, "threads": threads,
               "options": vars(args), "runs": []}
@@ -580,7 +575,7 @@ def main(argv=None):
             report["runs"].append(entry)
     load_end = load_average()
     report.update(table=records, load_average_end=load_end, seconds=time.perf_counter() - started)
-    print(describe(machine, load_end=load_end) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads, load_end))
     print(format_table(HEADERS, all_rows))
     print("score: TUS-REC2025 (1 - M/M_identity averaged over GPE, GLE, LPE, LLE); sign: fraction of moving "
           "frames with the right out-of-plane sign; drift: last frame's centre error / distance travelled "

@@ -49,9 +49,8 @@ from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.direction import MIRROR, first_direction, mirror
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.threads import set_threads
 
-from _machine import cell, describe, machine_info, scan_results, stderr_log
+from _machine import cell, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
 
 HIGHPASS_PX = 8.0
@@ -220,10 +219,7 @@ def main(argv=None):
     if args.pairs < 1 or args.every < 1:
         parser.error("--pairs and --every must be at least 1")
     model = DecorrelationModel.from_json(args.model)
-    log = stderr_log(args.quiet)
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
+    log, threads, machine, started = start_script(args.quiet, args.threads)
 
     def measure(scan, calibration):
         return run_scan(scan, calibration, model, threads, pairs=args.pairs, every=args.every, seed=args.seed)
@@ -238,7 +234,7 @@ def main(argv=None):
         tested = [row for numbers in per_scan.values() for row in numbers["tested"]]
         for poses in ("true", "estimated"):
             rows.append([Path(folder).name, poses, *summarise(tested, poses)])
-    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads))
     header = ["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"]
     print(format_table(header, rows))
     print(f"model {args.model}; {args.pairs} pairs per junction, 1 in {args.every} right junctions, "

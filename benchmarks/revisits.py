@@ -37,9 +37,8 @@ import numpy as np
 from cli.output import format_table, write_json
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.threads import set_threads
 
-from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
+from _machine import cell, machine_line, mean_known, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
@@ -133,10 +132,7 @@ def main(argv=None):
     thresholds = args.threshold or [0.8, 0.9]
     if not all(-1.0 <= t <= 1.0 for t in thresholds):
         parser.error("--threshold must lie in [-1, 1]")
-    log = stderr_log(args.quiet)
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
+    log, threads, machine, started = start_script(args.quiet, args.threads)
     results, rows = {}, []
 
     def measure(scan, calibration):
@@ -158,7 +154,7 @@ def main(argv=None):
             rows.append([Path(folder).name, len(scans), cell(mean_known([s["revisit_fraction"] for s in scans]), 2),
                          f"{threshold:g}", f"{mean['flagged']:.0f}", cell(mean["within_2mm"], 3),
                          cell(mean["within_5mm"], 3), cell(mean["recall_1mm"], 3)])
-    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads))
     print(format_table(["data", "scans", "revisits", "threshold", "flagged/scan", "<2 mm", "<5 mm", "recall <1 mm"],
                        rows))
     print(f"pairs >= {args.min_gap} frames apart, every {args.every} frame(s); {time.perf_counter() - started:.0f} s in all")

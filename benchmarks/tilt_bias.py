@@ -42,9 +42,8 @@ from cli.output import format_table, write_json
 from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.threads import set_threads
 
-from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
+from _machine import cell, machine_line, mean_known, scan_results, start_script
 from trajectory_options import measure_scan, true_step_planes
 
 GRADIENT_SPAN_MM = 20.0  # --gradient is a percentage per this much depth
@@ -96,10 +95,7 @@ def main(argv=None):
     if not all(abs(g) < 50.0 for g in gradients):
         parser.error("--gradient must lie strictly between -50 and 50 (% per 20 mm)")
     model = DecorrelationModel.from_json(args.model)
-    log = stderr_log(args.quiet)
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
+    log, threads, machine, started = start_script(args.quiet, args.threads)
 
     def measure(scan, calibration):
         return run_scan(scan, calibration, model, gradients, threads)
@@ -118,7 +114,7 @@ def main(argv=None):
                          cell(min(tilt, default=None), 2), cell(max(tilt, default=None), 2),
                          cell(mean_known([v["random_deg"] for v in values]), 2),
                          cell(mean_known([v["length_ratio"] for v in values]), 3)])
-    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads))
     print(format_table(["data", f"sigma %/{GRADIENT_SPAN_MM:g} mm", "scans", "tilt err deg", "min", "max",
                         "random deg", "length"], rows))
     print(f"model {args.model}; key steps with the true signs; {time.perf_counter() - started:.0f} s in all")

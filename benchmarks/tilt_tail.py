@@ -35,9 +35,8 @@ from cli.output import format_table, write_json
 from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
-from speckle_rec.threads import set_threads
 
-from _machine import describe, machine_info, scan_results, stderr_log
+from _machine import machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_pair_planes
 
 Z_EDGES_MM = (0.0, 0.3, 0.7, 1.2)
@@ -99,10 +98,7 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     model = DecorrelationModel.from_json(args.model)
-    log = stderr_log(args.quiet)
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
+    log, threads, machine, started = start_script(args.quiet, args.threads)
 
     def measure(scan, calibration):
         return run_scan(scan, calibration, model, threads)
@@ -120,7 +116,7 @@ def main(argv=None):
             rows.append([Path(folder).name, f"{Z_EDGES_MM[zb]:g}-{Z_EDGES_MM[zb + 1]:g}",
                          f"{TILT_EDGES_DEG[tb]:g}-{TILT_EDGES_DEG[tb + 1]:g}", int(count),
                          *(f"{total[name][zb, tb] / count:.3f}" for name in SUMS[1:])])
-    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads))
     print(format_table(["data", "|z| mm", "|tilt| deg", "patches", "measured", "model", "no tilt"], rows))
     print(f"model {args.model}; true geometry from the tracker; {time.perf_counter() - started:.0f} s in all")
     if args.json:

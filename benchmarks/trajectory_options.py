@@ -53,10 +53,9 @@ from speckle_rec.errors import DataError
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.inplane import fan_mask_from_frames
 from speckle_rec.metrics import scores_2025
-from speckle_rec.threads import set_threads
 from speckle_rec.transforms import locals_from_globals
 
-from _machine import cell, describe, machine_info, mean_known, scan_results, stderr_log
+from _machine import cell, machine_line, mean_known, scan_results, start_script
 
 DEFAULT = "default"
 
@@ -175,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    log = stderr_log(args.quiet)
+    log, threads, machine, started = start_script(args.quiet, args.threads)
     parsed = [parse_variant(v, parser) for v in args.variant]
     names = [DEFAULT] + [name for name, _, _ in parsed]
     if len(set(names)) != len(names):
@@ -187,9 +186,6 @@ def main(argv=None):
             parser.error(f"--variant {name}: {error}")
     variants = [(DEFAULT, {}, DecorrelationModel.from_json(args.model))]
     variants += [(name, options, DecorrelationModel.from_json(path or args.model)) for name, options, path in parsed]
-    threads = set_threads(args.threads)
-    machine = machine_info()
-    started = time.perf_counter()
     results, rows = {}, []
 
     def measure(scan, calibration):
@@ -209,7 +205,7 @@ def main(argv=None):
     columns = [("data", "data", None), ("variant", "variant", None), ("scans", "scans", None),
                ("score", "score", 3), ("drift_percent", "drift %", 2), ("scale", "scale", 3),
                ("sign_accuracy", "sign", 3), ("seconds", "s/scan", 1)]
-    print(describe(machine, load_end=machine_info()["load_average"]) + f"; {threads} thread(s)")
+    print(machine_line(machine, threads))
     table = [[cell(row[key], digits) if digits else row[key] for key, _, digits in columns] for row in rows]
     print(format_table([title for _, title, _ in columns], table))
     print(f"bundle adjustment started from: {args.start}; {time.perf_counter() - started:.0f} s in all")
