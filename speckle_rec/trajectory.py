@@ -17,6 +17,9 @@ Stages (timed in ``diagnostics["seconds"]``)
    the longest stride whose median ρ stays ≥ ``key_rho``; its |plane| is fitted in ρ space
    (:func:`fit_planes`), with the skin-contact pivot prior when the data show a fixed contact;
    exact Viterbi over velocity smoothness plus two- and three-step triplet tests picks the signs.
+   With ``slide=True`` the relation across each quiet stretch (key steps that hardly move out of
+   plane) is then put to a vote of same-view key steps on its two sides by the anatomy slide
+   (:mod:`speckle_rec.slide`; one dense flow per key step).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -62,6 +65,8 @@ from .inplane import (
 )
 from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
+from .slide import MIN_STEP_MM as SLIDE_MIN_STEP_MM
+from .slide import same_view_pairs, slide_fields, view_similarity, vote_across_stretches
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
 
@@ -73,6 +78,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
+    "slide": False,  # decide the sign across quiet stretches by the anatomy slide (costs a flow per key step)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -606,6 +612,10 @@ def _triplet_terms(meas, keys, planes, opts):
     return pair_costs, triple_costs
 
 
+SLIDE_WINDOW = 60  # key steps on each side of a quiet stretch whose same-view pairs vote on it
+SLIDE_MIN_PAIRS = 3  # with fewer votes the DP's relation across a quiet stretch stays
+
+
 def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
     """Signs of the key steps (stage 2), or ``sign_oracle``'s; returns signs and a diagnostics dict."""
     n = keys.size - 1
@@ -618,13 +628,32 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
         scale = np.median(np.linalg.norm(velocity, axis=1)) if n else 1.0
         result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
-        signs, uncertain = result.signs, int(np.sum(result.flip_margin < 1.0))
+        signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
+        if opts["slide"]:
+            signs, slide = _slide_across_quiet_stretches(meas, keys, planes, planes @ anchors.T, signs)
     else:
-        signs, uncertain = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None
+        signs, uncertain, slide = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None
     signed = signs[:, None] * velocity
     reversals = int(np.sum(np.einsum("ma,ma->m", signed[1:], signed[:-1]) < 0))
     return signs, {"key_steps": int(n), "reversals": reversals, "uncertain_junctions": uncertain,
-                   "oracle": sign_oracle is not None}
+                   "oracle": sign_oracle is not None, "slide": slide}
+
+
+def _slide_across_quiet_stretches(meas, keys, planes, elevation, signs):
+    """Stage 2b (``slide=True``): the sign across each quiet stretch from the anatomy slide.
+
+    The DP cannot carry a sign across a run of key steps that hardly move out of plane (the
+    rotation protocol's in-plane rock): the same-view slide pairs straddling it vote instead
+    (:func:`speckle_rec.slide.vote_across_stretches`). Returns the signs and a diagnostics dict.
+    """
+    clock = time.perf_counter()
+    moving = np.sqrt(np.mean(elevation**2, axis=1)) >= SLIDE_MIN_STEP_MM
+    fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
+    similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
+    first, second, cosine = same_view_pairs(fields, similarity, moving)
+    signs, counts = vote_across_stretches(signs, moving, first, second, cosine, window=SLIDE_WINDOW,
+                                          min_pairs=SLIDE_MIN_PAIRS)
+    return signs, dict(counts, same_view_pairs=int(first.size), seconds=round(time.perf_counter() - clock, 3))
 
 
 # --------------------------------------------------------------------------- initial trajectory
@@ -1004,6 +1033,8 @@ def _check_options(options):
     opts = dict(DEFAULT_OPTIONS, **options)
     if opts["first_direction"] not in (1, -1, None):
         raise DataError(f"expected first_direction +1, -1 or None, got {opts['first_direction']!r}")
+    if not isinstance(opts["slide"], (bool, np.bool_)):
+        raise DataError(f"expected slide True or False, got {opts['slide']!r}")
     if opts["pivot"] not in (True, False, "auto"):
         raise DataError(f"expected pivot True, False or 'auto', got {opts['pivot']!r}")
     strides = tuple(int(s) for s in opts["strides"])

@@ -272,6 +272,15 @@ def tiny_rotation(folder):
     return data
 
 
+def tiny_rotation_and_model(folder):
+    """:func:`tiny_rotation` and the packaged decorrelation curves written to ``folder / 'model.json'``."""
+    from speckle_rec.decorrelation import DecorrelationModel
+
+    model = folder / "model.json"
+    DecorrelationModel.default().to_json(model)
+    return tiny_rotation(folder), model
+
+
 def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     revisits = benchmark_script("revisits")
     data = tiny_rotation(tmp_path)
@@ -343,12 +352,8 @@ def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
 
 
 def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
-    from speckle_rec.decorrelation import DecorrelationModel
-
     crossing_lines = benchmark_script("crossing_lines")
-    data = tiny_rotation(tmp_path)
-    model = tmp_path / "model.json"
-    DecorrelationModel.default().to_json(model)
+    data, model = tiny_rotation_and_model(tmp_path)
     out = tmp_path / "crossing.json"
     args = [str(data), "--model", str(model), "--pairs", "10", "--every", "1", "--json", str(out), "--quiet"]
     assert crossing_lines.main(args) == 0
@@ -365,12 +370,8 @@ def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
 
 
 def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
-    from speckle_rec.decorrelation import DecorrelationModel
-
     anatomy_slide = benchmark_script("anatomy_slide")
-    data = tiny_rotation(tmp_path)
-    model = tmp_path / "model.json"
-    DecorrelationModel.default().to_json(model)
+    data, model = tiny_rotation_and_model(tmp_path)
     out = tmp_path / "slide.json"
     assert anatomy_slide.main([str(data), "--model", str(model), "--json", str(out), "--quiet"]) == 0
     assert "same-view pairs" in capsys.readouterr().out
@@ -383,97 +384,3 @@ def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
         first, last = stretch["steps"]
         assert 0 < first <= last < scan["key_steps"] - 1 and stretch["pairs"] >= 0
 
-
-def _anatomy(shape, seed=3):
-    """Smooth random texture (uint8): large structures, no speckle."""
-    from scipy.ndimage import gaussian_filter
-
-    texture = gaussian_filter(np.random.default_rng(seed).normal(size=shape), 3.0 * shape[1] / 128)
-    return ((texture - texture.min()) / np.ptp(texture) * 255).astype(np.uint8)
-
-
-def _slid(image, shift_px, local_px, centre, radius_px):
-    """``image`` moved rigidly by ``shift_px`` (x, y) plus a Gaussian bump of ``local_px`` x-motion
-    at ``centre``."""
-    import cv2
-
-    rows, cols = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(np.float32)
-    squared = (cols - centre[0]) ** 2 + (rows - centre[1]) ** 2
-    bump = np.exp(-squared / (2 * radius_px**2)).astype(np.float32)
-    map_x = (cols - shift_px[0] - local_px * bump).astype(np.float32)
-    map_y = (rows - shift_px[1]).astype(np.float32)
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-
-
-def _field(base, shift_px, local_px, plane):
-    """One key step's slide field: ``base`` (0.2 mm pixels when 128 wide, finer when wider) and
-    ``_slid(base, ...)``, shifts in pixels of the 128-wide image, elevation ``plane`` (tz, a, b)."""
-    anatomy_slide = benchmark_script("anatomy_slide")
-    h, w = base.shape
-    scale = w / 128
-    moved = _slid(base, np.multiply(shift_px, scale), local_px * scale, (w / 2, h / 2), 12 * scale)
-    stack, mask, spacing = np.stack([base, moved]), np.ones((h, w), bool), (0.2 / scale, 0.2 / scale)
-    return anatomy_slide.slide_fields(stack, mask, spacing, np.array([0, 1]), np.array([plane], float))[0]
-
-
-def test_slide_field_keeps_the_non_rigid_motion_signed_by_the_elevation():
-    base = _anatomy((96, 128))
-    up, down = (0.5, 0.0, 0.0), (-0.5, 0.0, 0.0)
-    right = _field(base, (0, 0), 1.5, up)
-    # 1.8 mm blocks of 9 px: 10 x 14 of them, of which the 3 rows above 4 mm (20 px) are the skin's
-    assert right.shape == (2 * (10 - 3) * 14,)
-    assert np.linalg.norm(right) == pytest.approx(1.0)
-    assert right @ _field(base, (1, 1), 1.5, up) > 0.95  # the rigid part is removed
-    assert right @ _field(base, (0, 0), -1.5, up) < -0.9  # sliding the other way
-    assert right @ _field(base, (0, 0), 1.5, down) < -0.9  # the same slide under the opposite elevation
-    # a tilt whose elevation changes sign across the slide's region: the field is weighted per block
-    tilt = (-0.5 * 64 * 0.2, 0.5, 0.0)  # elevation 0.5·(x − 12.8 mm)
-    assert abs(right @ _field(base, (0, 0), 1.5, tilt)) < 0.5
-
-
-def test_slide_fields_are_defined_in_mm():
-    """The same scene at 0.2 and 0.1 mm per pixel gives the same blocks and about the same field."""
-    import cv2
-
-    coarse = _anatomy((96, 128))
-    fine = cv2.resize(coarse, (256, 192), interpolation=cv2.INTER_CUBIC)
-    a, b = _field(coarse, (0, 0), 1.5, (0.5, 0.0, 0.0)), _field(fine, (0, 0), 1.5, (0.5, 0.0, 0.0))
-    assert a.shape == b.shape
-    assert a @ b > 0.8
-
-
-def test_view_similarity_is_one_for_the_same_view():
-    anatomy_slide = benchmark_script("anatomy_slide")
-    a, b = _anatomy((240, 320), 1), _anatomy((240, 320), 2)
-    stack = np.stack([a, a, b, _slid(a, (1, 0), 0.0, (0, 0), 1.0), _slid(a, (4, 0), 0.0, (0, 0), 1.0)])
-    s = anatomy_slide.view_similarity(stack, [0, 1, 2, 3, 4], (0.2, 0.2))
-    assert s.shape == (5, 5) and s[0, 1] == pytest.approx(1.0)
-    assert s[0, 2] < 0.5  # other anatomy
-    assert s[0, 3] > anatomy_slide.SAME_VIEW > s[0, 4]  # 1 px (0.2 mm) along is the same view, 4 px is not
-
-
-def test_same_view_pairs_keep_far_apart_alike_views_with_clear_cosines():
-    anatomy_slide = benchmark_script("anatomy_slide")
-    m = anatomy_slide.MIN_GAP + 5
-    rng = np.random.default_rng(0)
-    fields = rng.normal(size=(m, 6))
-    fields[m - 1] = -fields[0]  # the same slide, the other way: cosine −1
-    fields[m - 2] = fields[1] + 0.01 * rng.normal(size=6)
-    fields /= np.linalg.norm(fields, axis=1, keepdims=True)
-    similarity = np.full((m, m), 0.5)
-    similarity[0, m - 1] = similarity[1, m - 2] = similarity[0, 2] = 0.999
-    moving = np.ones(m, bool)
-    first, second, cosine = anatomy_slide.same_view_pairs(fields, similarity, moving)
-    assert sorted(zip(first.tolist(), second.tolist())) == [(0, m - 1), (1, m - 2)]  # (0, 2) is too near
-    assert cosine[first == 0][0] == pytest.approx(-1.0) and cosine[first == 1][0] > 0.99
-    moving[m - 1] = False
-    first, _, _ = anatomy_slide.same_view_pairs(fields, similarity, moving)
-    assert first.tolist() == [1]
-
-
-def test_quiet_stretches_need_moving_steps_on_both_sides():
-    anatomy_slide = benchmark_script("anatomy_slide")
-    moving = np.array([False, True, False, False, True, True, False, True, False])
-    assert anatomy_slide.quiet_stretches(moving) == [(2, 3), (6, 6)]
-    assert anatomy_slide.quiet_stretches(np.ones(4, bool)) == []
-    assert anatomy_slide.quiet_stretches(np.zeros(4, bool)) == []

@@ -322,6 +322,19 @@ def test_first_direction_option_mirrors(rendered):
     assert np.allclose(minus, mirror(plus), atol=1e-9)
 
 
+def test_slide_option_votes_only_across_quiet_stretches(rendered):
+    """A steady sweep has no quiet stretch: the slide stage runs, decides nothing, changes nothing."""
+    model, _, frames = rendered
+    kwargs = dict(spacing_mm=MEDIUM.spacing_mm, model=model, threads=2, window=60, overlap=10)
+    plain = T.estimate_trajectory(frames[:80], **kwargs)
+    slid = T.estimate_trajectory(frames[:80], slide=True, **kwargs)
+    assert plain.diagnostics["signs"]["slide"] is None
+    counts = slid.diagnostics["signs"]["slide"]
+    assert counts["quiet_stretches"] == counts["decided"] == counts["flipped"] == 0
+    assert counts["same_view_pairs"] > 0 and counts["seconds"] > 0
+    assert np.array_equal(slid.frame_to_first, plain.frame_to_first)
+
+
 def test_few_frames(rendered):
     model, _, frames = rendered
     for n in (2, 3, 5):
@@ -343,6 +356,7 @@ def test_few_frames(rendered):
         (np.zeros((5, 40, 50), np.uint8), {"model": "default"}, "DecorrelationModel"),
         (np.zeros((5, 40, 50), np.uint8), {"bogus": 1}, "unknown option 'bogus'"),
         (np.zeros((5, 40, 50), np.uint8), {"first_direction": 2}, "first_direction"),
+        (np.zeros((5, 40, 50), np.uint8), {"slide": "yes"}, "slide True or False"),
         (np.zeros((5, 40, 50), np.uint8), {"strides": (2, 4)}, "strides"),
         (np.zeros((5, 40, 50), np.uint8), {"mask": np.ones((4, 4), bool)}, "mask"),
     ],

@@ -1,0 +1,117 @@
+"""Anatomy slide (speckle_rec.slide): slide fields, view similarity, same-view pairs, stretch votes."""
+
+import cv2
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from speckle_rec import slide
+
+
+def _anatomy(shape, seed=3):
+    """Smooth random texture (uint8): large structures, no speckle."""
+    texture = gaussian_filter(np.random.default_rng(seed).normal(size=shape), 3.0 * shape[1] / 128)
+    return ((texture - texture.min()) / np.ptp(texture) * 255).astype(np.uint8)
+
+
+def _slid(image, shift_px, local_px, centre, radius_px):
+    """``image`` moved rigidly by ``shift_px`` (x, y) plus a Gaussian bump of ``local_px`` x-motion
+    at ``centre``."""
+    rows, cols = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(np.float32)
+    squared = (cols - centre[0]) ** 2 + (rows - centre[1]) ** 2
+    bump = np.exp(-squared / (2 * radius_px**2)).astype(np.float32)
+    map_x = (cols - shift_px[0] - local_px * bump).astype(np.float32)
+    map_y = (rows - shift_px[1]).astype(np.float32)
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def _field(base, shift_px, local_px, plane):
+    """One key step's slide field: ``base`` (0.2 mm pixels when 128 wide, finer when wider) and
+    ``_slid(base, ...)``, shifts in pixels of the 128-wide image, elevation ``plane`` (tz, a, b)."""
+    h, w = base.shape
+    scale = w / 128
+    moved = _slid(base, np.multiply(shift_px, scale), local_px * scale, (w / 2, h / 2), 12 * scale)
+    stack, mask, spacing = np.stack([base, moved]), np.ones((h, w), bool), (0.2 / scale, 0.2 / scale)
+    return slide.slide_fields(stack, mask, spacing, np.array([0, 1]), np.array([plane], float))[0]
+
+
+def test_slide_field_keeps_the_non_rigid_motion_signed_by_the_elevation():
+    base = _anatomy((96, 128))
+    up, down = (0.5, 0.0, 0.0), (-0.5, 0.0, 0.0)
+    right = _field(base, (0, 0), 1.5, up)
+    # 1.8 mm blocks of 9 px: 10 x 14 of them, of which the 3 rows above 4 mm (20 px) are the skin's
+    assert right.shape == (2 * (10 - 3) * 14,)
+    assert np.linalg.norm(right) == pytest.approx(1.0)
+    assert right @ _field(base, (1, 1), 1.5, up) > 0.95  # the rigid part is removed
+    assert right @ _field(base, (0, 0), -1.5, up) < -0.9  # sliding the other way
+    assert right @ _field(base, (0, 0), 1.5, down) < -0.9  # the same slide under the opposite elevation
+    # a tilt whose elevation changes sign across the slide's region: the field is weighted per block
+    tilt = (-0.5 * 64 * 0.2, 0.5, 0.0)  # elevation 0.5·(x − 12.8 mm)
+    assert abs(right @ _field(base, (0, 0), 1.5, tilt)) < 0.5
+
+
+def test_slide_fields_are_defined_in_mm():
+    """The same scene at 0.2 and 0.1 mm per pixel gives the same blocks and about the same field."""
+    coarse = _anatomy((96, 128))
+    fine = cv2.resize(coarse, (256, 192), interpolation=cv2.INTER_CUBIC)
+    a, b = _field(coarse, (0, 0), 1.5, (0.5, 0.0, 0.0)), _field(fine, (0, 0), 1.5, (0.5, 0.0, 0.0))
+    assert a.shape == b.shape
+    assert a @ b > 0.8
+
+
+def test_view_similarity_is_one_for_the_same_view():
+    a, b = _anatomy((240, 320), 1), _anatomy((240, 320), 2)
+    stack = np.stack([a, a, b, _slid(a, (1, 0), 0.0, (0, 0), 1.0), _slid(a, (4, 0), 0.0, (0, 0), 1.0)])
+    s = slide.view_similarity(stack, [0, 1, 2, 3, 4], (0.2, 0.2))
+    assert s.shape == (5, 5) and s[0, 1] == pytest.approx(1.0)
+    assert s[0, 2] < 0.5  # other anatomy
+    assert s[0, 3] > slide.SAME_VIEW > s[0, 4]  # 1 px (0.2 mm) along is the same view, 4 px is not
+
+
+def test_same_view_pairs_keep_far_apart_alike_views_with_clear_cosines():
+    m = slide.MIN_GAP + 5
+    rng = np.random.default_rng(0)
+    fields = rng.normal(size=(m, 6))
+    fields[m - 1] = -fields[0]  # the same slide, the other way: cosine −1
+    fields[m - 2] = fields[1] + 0.01 * rng.normal(size=6)
+    fields /= np.linalg.norm(fields, axis=1, keepdims=True)
+    similarity = np.full((m, m), 0.5)
+    similarity[0, m - 1] = similarity[1, m - 2] = similarity[0, 2] = 0.999
+    moving = np.ones(m, bool)
+    first, second, cosine = slide.same_view_pairs(fields, similarity, moving)
+    assert sorted(zip(first.tolist(), second.tolist())) == [(0, m - 1), (1, m - 2)]  # (0, 2) is too near
+    assert cosine[first == 0][0] == pytest.approx(-1.0) and cosine[first == 1][0] > 0.99
+    moving[m - 1] = False
+    first, _, _ = slide.same_view_pairs(fields, similarity, moving)
+    assert first.tolist() == [1]
+
+
+def test_quiet_stretches_need_moving_steps_on_both_sides():
+    moving = np.array([False, True, False, False, True, True, False, True, False])
+    assert slide.quiet_stretches(moving) == [(2, 3), (6, 6)]
+    assert slide.quiet_stretches(np.ones(4, bool)) == []
+    assert slide.quiet_stretches(np.zeros(4, bool)) == []
+
+
+def test_votes_decide_the_relation_across_a_quiet_stretch():
+    """Steps 0-39 and 42-79 move, 40-41 are quiet; the truth keeps the sign across, the DP flipped."""
+    moving = np.ones(80, bool)
+    moving[40:42] = False
+    truth = np.ones(80, np.int64)
+    dp = truth.copy()
+    dp[42:] = -1
+    first, second = np.array([30, 35, 38, 5]), np.array([50, 60, 45, 79])
+    cosine = np.array([0.6, 0.4, 0.5, -0.9])  # the last pair is out of the window (and wrong)
+    signs, counts = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=3)
+    assert signs.tolist() == truth.tolist() and dp[42] == -1  # a new array
+    assert counts == {"quiet_stretches": 1, "decided": 1, "flipped": 1}
+    # the same votes under the right signs change nothing
+    assert slide.vote_across_stretches(truth, moving, first, second, cosine, window=20, min_pairs=3)[0].tolist() \
+        == truth.tolist()
+    # too few votes: the DP's relation stays
+    signs, counts = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=4)
+    assert signs.tolist() == dp.tolist() and counts["decided"] == 0
+    # a pair 35 steps before and 37 after the stretch votes only when the window reaches it
+    far = (np.array([5]), np.array([79]), np.array([0.9]))
+    assert slide.vote_across_stretches(dp, moving, *far, window=20, min_pairs=1)[1]["decided"] == 0
+    assert slide.vote_across_stretches(dp, moving, *far, window=40, min_pairs=1)[0].tolist() == truth.tolist()
