@@ -66,7 +66,7 @@ from .inplane import (
 from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
 from .slide import MIN_STEP_MM as SLIDE_MIN_STEP_MM
-from .slide import same_view_pairs, slide_fields, view_similarity, vote_across_stretches
+from .slide import quiet_stretches, same_view_pairs, slide_fields, view_similarity, vote_across_stretches
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
 
@@ -648,9 +648,12 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, signs):
     """
     clock = time.perf_counter()
     moving = np.sqrt(np.mean(elevation**2, axis=1)) >= SLIDE_MIN_STEP_MM
-    fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
-    similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
-    first, second, cosine = same_view_pairs(fields, similarity, moving)
+    first = second = np.zeros(0, np.int64)
+    cosine = np.zeros(0)
+    if quiet_stretches(moving):  # a steady sweep has none: no flows to pay for
+        fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
+        similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
+        first, second, cosine = same_view_pairs(fields, similarity, moving)
     signs, counts = vote_across_stretches(signs, moving, first, second, cosine, window=SLIDE_WINDOW,
                                           min_pairs=SLIDE_MIN_PAIRS)
     return signs, dict(counts, same_view_pairs=int(first.size), seconds=round(time.perf_counter() - clock, 3))
