@@ -6,6 +6,7 @@ other shared plumbing (progress lines, the work folder, the walk over data folde
 cells) lives here too.
 """
 
+import argparse
 import contextlib
 import math
 import os
@@ -71,6 +72,23 @@ def stderr_log(quiet):
             print(line, file=sys.stderr, flush=True)
 
     return log
+
+
+def folder_parser(doc, *, model=True, json_help="write every per-scan number as JSON"):
+    """The argument parser of a script run over tracked data folders (the script adds its own options).
+
+    Positional ``data`` (one or more folders), ``--model`` (a calibration or model JSON, required;
+    left out with ``model=False``), ``--threads`` (default 2), ``--json FILE`` and ``--quiet``. The
+    description is the first line of ``doc``.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
+    if model:
+        parser.add_argument("--model", required=True, help="calibration or model JSON")
+    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
+    parser.add_argument("--json", metavar="FILE", help=json_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
 
 
 def start_script(quiet, threads):

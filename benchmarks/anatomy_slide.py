@@ -29,7 +29,6 @@ anchors count, and only pairs with ``|cosine| > MIN_COSINE``.
   the DP's signs relate the steps just before and after the run as the truth does.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from speckle_rec.slide import (
     view_similarity,
 )
 
-from _machine import cell, machine_line, scan_results, start_script
+from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_step_planes
 
 def pair_accuracy(cosine, relation, use):
@@ -105,12 +104,7 @@ def run_scan(scan, calibration, model, threads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
-    parser.add_argument("--model", required=True, help="calibration or model JSON")
-    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="write every scan's numbers as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser = folder_parser(__doc__, json_help="write every scan's numbers as JSON")
     args = parser.parse_args(argv)
     model = DecorrelationModel.from_json(args.model)
     log, threads, machine, started = start_script(args.quiet, args.threads)

@@ -35,7 +35,6 @@ every ``STEP_MM`` along the intersection line inside both fans and deeper than `
 for 1000 frames at 240×320, 2 GB for 1600 frames at 480×640).
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.direction import MIRROR, first_direction, mirror
 from speckle_rec.evaluate import ScanTruth
 
-from _machine import cell, machine_line, scan_results, start_script
+from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
 
 HIGHPASS_PX = 8.0
@@ -206,15 +205,10 @@ def summarise(junctions, poses):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
-    parser.add_argument("--model", required=True, help="calibration or model JSON")
+    parser = folder_parser(__doc__, json_help="write every tested junction as JSON")
     parser.add_argument("--pairs", type=int, default=40, help="crossing pairs per junction (default 40)")
     parser.add_argument("--every", type=int, default=10, help="test every n-th right junction (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="write every tested junction as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.every < 1:
         parser.error("--pairs and --every must be at least 1")

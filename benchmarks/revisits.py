@@ -26,7 +26,6 @@ Per scan, on every ``--every``-th frame, for pairs at least ``--min-gap`` frames
 Prints one table (one row per folder and threshold); ``--json FILE`` writes every per-scan number.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from cli.output import format_table, write_json
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 
-from _machine import cell, machine_line, mean_known, scan_results, start_script
+from _machine import cell, folder_parser, machine_line, mean_known, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
 
 DISTANCE_BANDS_MM = (0.0, 0.5, 1.0, 2.0, 5.0, np.inf)
@@ -117,15 +116,11 @@ def run_scan(scan, calibration, *, min_gap, every, thresholds, threads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
+    parser = folder_parser(__doc__, model=False)
     parser.add_argument("--min-gap", type=int, default=40, help="fewest frames between the two frames of a pair (default 40)")
     parser.add_argument("--every", type=int, default=2, help="use every k-th frame (default 2)")
     parser.add_argument("--threshold", type=float, action="append", help="descriptor correlation that flags a "
                         "revisit (repeatable; default 0.8 and 0.9)")
-    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     if args.min_gap < 1 or args.every < 1:
         parser.error("--min-gap and --every must be >= 1")

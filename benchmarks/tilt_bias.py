@@ -30,7 +30,6 @@ Prints one table (mean, min and max over each folder's scans per gradient); ``--
 every per-scan number.
 """
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -43,7 +42,7 @@ from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 
-from _machine import cell, machine_line, mean_known, scan_results, start_script
+from _machine import cell, folder_parser, machine_line, mean_known, scan_results, start_script
 from trajectory_options import measure_scan, true_step_planes
 
 GRADIENT_SPAN_MM = 20.0  # --gradient is a percentage per this much depth
@@ -81,15 +80,10 @@ def run_scan(scan, calibration, model, gradients, threads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
-    parser.add_argument("--model", required=True, help="calibration or model JSON")
+    parser = folder_parser(__doc__)
     parser.add_argument("--gradient", type=float, action="append", metavar="PCT",
                         help=f"σ gradient in %% per {GRADIENT_SPAN_MM:g} mm of depth "
                              "(repeatable; default -2 -1 0 1 2)")
-    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="write every per-scan number as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     gradients = args.gradient or [-2.0, -1.0, 0.0, 1.0, 2.0]
     if not all(abs(g) < 50.0 for g in gradients):

@@ -24,7 +24,6 @@ patches over a folder's scans it prints:
 ``--json FILE`` writes every bin's sums per folder.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from speckle_rec import trajectory
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 
-from _machine import machine_line, scan_results, start_script
+from _machine import folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_pair_planes
 
 Z_EDGES_MM = (0.0, 0.3, 0.7, 1.2)
@@ -90,12 +89,7 @@ def run_scan(scan, calibration, model, threads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data", nargs="+", help="tracked data folders (e.g. acc/data/<run>)")
-    parser.add_argument("--model", required=True, help="calibration or model JSON")
-    parser.add_argument("--threads", type=int, default=2, help="Numba / OpenCV threads (default 2)")
-    parser.add_argument("--json", metavar="FILE", help="write every folder's bin sums as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser = folder_parser(__doc__, json_help="write every folder's bin sums as JSON")
     args = parser.parse_args(argv)
     model = DecorrelationModel.from_json(args.model)
     log, threads, machine, started = start_script(args.quiet, args.threads)
