@@ -51,6 +51,7 @@ from speckle_rec.slide import (
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_step_planes
 
+
 def pair_accuracy(cosine, relation, use):
     """(pairs used, share whose cosine has the sign of the true relation)."""
     count = int(use.sum())
@@ -83,15 +84,14 @@ def run_scan(scan, calibration, model, threads):
     adjacent[steps, steps + 1] = moving[:-1] & moving[1:] & (np.abs(cosine[steps, steps + 1]) > MIN_COSINE)
 
     stretches = []
-    for first, last in quiet_stretches(moving):
-        straddling = same_view[:first, last + 1:]
-        before, after = np.nonzero(straddling)
-        after = after + last + 1
+    for start, end in quiet_stretches(moving):
+        before, after = np.nonzero(same_view[:start, end + 1:])
+        after = after + end + 1
         agreement = float(np.sum(true_signs[before] * true_signs[after] * cosine[before, after]))
-        truth_across = true_signs[first - 1] * true_signs[last + 1]
-        stretches.append({"steps": [int(first), int(last)], "pairs": int(before.size),
+        truth_across = true_signs[start - 1] * true_signs[end + 1]
+        stretches.append({"steps": [int(start), int(end)], "pairs": int(before.size),
                           "cue_right": bool(before.size and agreement > 0),
-                          "dp_right": bool(dp_signs[first - 1] * dp_signs[last + 1] == truth_across)})
+                          "dp_right": bool(dp_signs[start - 1] * dp_signs[end + 1] == truth_across)})
     out = {"key_steps": int(keys.size - 1), "moving": int(moving.sum()), "stretches": stretches}
     for name, use in (("adjacent", adjacent), ("same_view", same_view)):
         out[f"{name}_pairs"], out[f"{name}_accuracy"] = pair_accuracy(cosine, relation, use)
