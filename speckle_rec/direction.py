@@ -83,9 +83,10 @@ view then slide alike when they move the same way, however far apart in time, so
 two sides of a quiet stretch can vote on its relation: with the true signs inside, their votes give
 the true relation at 91 of 98 quiet stretches of 18 simulated rotation scans, the DP at 82
 (``benchmarks/anatomy_slide.py``). As a stage after the DP, with the true mirror, it raised the
-mean rotation score on 8 held-out scans from 0.35 to 0.59 and at 480×640 from 0.39 to 0.45, and
-left the 5 benchmark scans at 0.50 (``benchmarks/README.md``). It costs one dense flow per key step
-(10 s per 1000-frame 240×320 scan, 54 s per 1600-frame 480×640 one), so it is not on by default.
+mean rotation score on 8 more scans from 0.35 to 0.59 and at 480×640 from 0.39 to 0.45, and left
+the 5 benchmark scans at 0.50 (``benchmarks/README.md``; its window was chosen on the same scans).
+It costs one dense flow per key step (10 s per 1000-frame 240×320 scan, 54 s per 1600-frame
+480×640 one), so it is not on by default.
 
 The global mirror
 -----------------
