@@ -15,10 +15,11 @@ the quiet stretches (the in-plane rock) that decorrelation cannot carry the sign
 
 Per scan: the key steps, their |plane| fits and the sign DP's signs are computed as
 :func:`speckle_rec.trajectory.estimate_trajectory` does (without ``slide``), and each step's true
-sign (agreement with the true step at the anchors) is taken from the tracker. Two steps' cue is the
-cosine of their slide fields (:func:`speckle_rec.slide.slide_fields`), whose sign should be the
-product of their true signs. Only steps whose fitted elevation reaches ``MIN_STEP_MM`` RMS at the
-anchors count, and only pairs with ``|cosine| > MIN_COSINE``.
+sign (agreement with the true step at the anchors, ``trajectory_options.true_key_signs``) is taken
+from the tracker. Two steps' cue is the cosine of their slide fields
+(:func:`speckle_rec.slide.slide_fields`), whose sign should be the product of their true signs.
+Only moving steps count (:func:`speckle_rec.slide.moving_steps`), and only pairs with
+``|cosine| > MIN_COSINE``.
 
 - ``DP adjacent``: the share of consecutive moving steps the DP relates as the truth does;
 - ``adjacent``: consecutive moving steps (cue right: the share the cosine relates as the truth);
@@ -41,7 +42,7 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.slide import (
     MIN_COSINE,
-    MIN_STEP_MM,
+    moving_steps,
     quiet_stretches,
     same_view_pairs,
     slide_fields,
@@ -49,7 +50,7 @@ from speckle_rec.slide import (
 )
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
-from trajectory_options import measure_scan, true_step_planes
+from trajectory_options import measure_scan, true_key_signs
 
 
 def pair_accuracy(cosine, relation, use):
@@ -67,10 +68,8 @@ def run_scan(scan, calibration, model, threads):
                                  rho_sigma_floor=opts["rho_sigma_floor"])
     _, planes, covariance, _ = trajectory._decide_pivot(meas, step_rho, step_theta, free, opts)
     dp_signs, _ = trajectory._resolve_key_signs(meas, keys, planes, covariance, opts)
-    anchors = trajectory._anchor_design(meas)
-    fitted = planes @ anchors.T
-    true_signs = np.where(np.sum((true_step_planes(truth, keys) @ anchors.T) * fitted, axis=1) < 0, -1, 1)
-    moving = np.sqrt(np.mean(fitted**2, axis=1)) >= MIN_STEP_MM
+    true_signs = true_key_signs(meas, truth)(keys, planes).astype(np.int64)
+    moving = moving_steps(planes @ trajectory._anchor_design(meas).T)
 
     fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
     cosine = fields @ fields.T

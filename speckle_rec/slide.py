@@ -136,6 +136,14 @@ def same_view_pairs(fields, similarity, moving):
     return first, second, cosine[first, second]
 
 
+def moving_steps(elevation):
+    """(M,) bool: key steps whose RMS elevation at the anchors reaches ``MIN_STEP_MM`` (they slide).
+
+    ``elevation`` is (M, A): each step's fitted elevation (mm) at A anchor points, sign unknown.
+    """
+    return np.sqrt(np.mean(np.square(elevation), axis=1)) >= MIN_STEP_MM
+
+
 def quiet_stretches(moving):
     """Runs of key steps that do not move, with moving steps on both sides.
 
@@ -201,4 +209,5 @@ def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_p
     return signs, {"quiet_stretches": len(stretches), "decided": decided, "flipped": flipped}
 
 
-__all__ = ["quiet_stretches", "same_view_pairs", "slide_fields", "view_similarity", "vote_across_stretches"]
+__all__ = ["moving_steps", "quiet_stretches", "same_view_pairs", "slide_fields", "view_similarity",
+           "vote_across_stretches"]

@@ -65,8 +65,14 @@ from .inplane import (
 )
 from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
-from .slide import MIN_STEP_MM as SLIDE_MIN_STEP_MM
-from .slide import quiet_stretches, same_view_pairs, slide_fields, view_similarity, vote_across_stretches
+from .slide import (
+    moving_steps,
+    quiet_stretches,
+    same_view_pairs,
+    slide_fields,
+    view_similarity,
+    vote_across_stretches,
+)
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
 
@@ -621,7 +627,8 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
     n = keys.size - 1
     anchors = _anchor_design(meas)
     lengths = np.diff(keys).astype(np.float64)
-    velocity = (planes @ anchors.T) / lengths[:, None]
+    elevation = planes @ anchors.T
+    velocity = elevation / lengths[:, None]
     if sign_oracle is None:
         noise = np.sqrt(np.einsum("ai,mij,aj->ma", anchors, covariance, anchors).mean(axis=1)) / lengths
         pair_costs, triple_costs = _triplet_terms(meas, keys, planes, opts)
@@ -630,7 +637,7 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
         signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
         if opts["slide"]:
-            signs, slide = _slide_across_quiet_stretches(meas, keys, planes, planes @ anchors.T, signs)
+            signs, slide = _slide_across_quiet_stretches(meas, keys, planes, elevation, signs)
     else:
         signs, uncertain, slide = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None
     signed = signs[:, None] * velocity
@@ -647,7 +654,7 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, signs):
     (:func:`speckle_rec.slide.vote_across_stretches`). Returns the signs and a diagnostics dict.
     """
     clock = time.perf_counter()
-    moving = np.sqrt(np.mean(elevation**2, axis=1)) >= SLIDE_MIN_STEP_MM
+    moving = moving_steps(elevation)
     first = second = np.zeros(0, np.int64)
     cosine = np.zeros(0)
     if quiet_stretches(moving):  # a steady sweep has none: no flows to pay for

@@ -138,18 +138,24 @@ def test_speed_stage_in_a_fresh_process(scripts):
     assert row["stage"] == "ddf" and row["items"] == 4 and finite(row["seconds"]) and row["peak_rss_mib"] > 0
 
 
-def tiny_sweep(folder):
-    """A 60-frame 120x160 tracked linear sweep in ``folder / 'linear'`` and the default curves as JSON."""
+def default_curves(folder):
+    """The packaged decorrelation curves written to ``folder / 'model.json'`` (a ``--model`` file)."""
     from speckle_rec.decorrelation import DecorrelationModel
+
+    model = folder / "model.json"
+    DecorrelationModel.default().to_json(model)
+    return model
+
+
+def tiny_sweep(folder):
+    """A 60-frame 120x160 tracked linear sweep in ``folder / 'linear'`` and :func:`default_curves`."""
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
 
     data = folder / "linear"
     simulate_dataset(data, protocol="linear", n_frames=60, probe=Probe.fit_image(120, 160), seed=3,
                      hands=("LH",), planes=("Per",), directions=("DtP",))
-    model = folder / "model.json"
-    DecorrelationModel.default().to_json(model)
-    return data, model
+    return data, default_curves(folder)
 
 
 def test_trajectory_options_compares_variants(tmp_path, capsys):
@@ -262,28 +268,20 @@ def test_revisit_descriptor_compensates_the_in_plane_chain():
 
 
 def tiny_rotation(folder):
-    """A 60-frame 120x160 tracked rotation-protocol scan in ``folder / 'rotation'``."""
+    """A 60-frame 120x160 tracked rotation-protocol scan in ``folder / 'rotation'`` and
+    :func:`default_curves`."""
     from speckle_rec.simulate.dataset import simulate_dataset
     from speckle_rec.simulate.probe import Probe
 
     data = folder / "rotation"
     simulate_dataset(data, protocol="rotation", n_frames=60, probe=Probe.fit_image(120, 160), seed=2,
                      hands=("LH",))
-    return data
-
-
-def tiny_rotation_and_model(folder):
-    """:func:`tiny_rotation` and the packaged decorrelation curves written to ``folder / 'model.json'``."""
-    from speckle_rec.decorrelation import DecorrelationModel
-
-    model = folder / "model.json"
-    DecorrelationModel.default().to_json(model)
-    return tiny_rotation(folder), model
+    return data, default_curves(folder)
 
 
 def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     revisits = benchmark_script("revisits")
-    data = tiny_rotation(tmp_path)
+    data, _ = tiny_rotation(tmp_path)
     out = tmp_path / "revisits.json"
     assert revisits.main([str(data), "--min-gap", "10", "--json", str(out), "--quiet"]) == 0
     assert "recall <1 mm" in capsys.readouterr().out
@@ -353,7 +351,7 @@ def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
 
 def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     crossing_lines = benchmark_script("crossing_lines")
-    data, model = tiny_rotation_and_model(tmp_path)
+    data, model = tiny_rotation(tmp_path)
     out = tmp_path / "crossing.json"
     args = [str(data), "--model", str(model), "--pairs", "10", "--every", "1", "--json", str(out), "--quiet"]
     assert crossing_lines.main(args) == 0
@@ -371,7 +369,7 @@ def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
 
 def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     anatomy_slide = benchmark_script("anatomy_slide")
-    data, model = tiny_rotation_and_model(tmp_path)
+    data, model = tiny_rotation(tmp_path)
     out = tmp_path / "slide.json"
     assert anatomy_slide.main([str(data), "--model", str(model), "--json", str(out), "--quiet"]) == 0
     assert "same-view pairs" in capsys.readouterr().out

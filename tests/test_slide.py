@@ -115,3 +115,8 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
     far = (np.array([5]), np.array([79]), np.array([0.9]))
     assert slide.vote_across_stretches(dp, moving, *far, window=20, min_pairs=1)[1]["decided"] == 0
     assert slide.vote_across_stretches(dp, moving, *far, window=40, min_pairs=1)[0].tolist() == truth.tolist()
+
+
+def test_moving_steps_by_rms_elevation_at_the_anchors():
+    elevation = np.array([[0.12, -0.12, 0.12], [0.05, 0.0, -0.05], [0.0, 0.0, 0.3]])  # RMS 0.12, 0.041, 0.173 mm
+    assert slide.moving_steps(elevation).tolist() == [True, False, True]
