@@ -67,11 +67,12 @@ def run_scan(scan, calibration, model, threads):
     free = trajectory.fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"],
                                  rho_sigma_floor=opts["rho_sigma_floor"])
     _, planes, covariance, _ = trajectory._decide_pivot(meas, step_rho, step_theta, free, opts)
-    dp_signs, _ = trajectory._resolve_key_signs(meas, keys, planes, covariance, opts)
+    dp_signs, _ = trajectory._resolve_key_signs(meas, keys, planes, covariance, opts, threads)
     true_signs = true_key_signs(meas, truth)(keys, planes).astype(np.int64)
     moving = moving_steps(planes @ trajectory._anchor_design(meas).T)
 
-    fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
+    fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model,
+                          threads=threads)
     cosine = fields @ fields.T
     relation = true_signs[:, None] * true_signs[None, :]
     similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)

@@ -154,7 +154,8 @@ def run_scan(scan, calibration, variants, *, start_from, threads):
             frame_to_first = trajectory._bundle_adjust(meas, true_poses(truth), opts, False, False)[0][1:]
         else:
             oracle = true_key_signs(meas, truth) if start_from == "oracle-signs" else None
-            frame_to_first = trajectory._estimate(meas, opts, False, {}, sign_oracle=oracle).frame_to_first
+            frame_to_first = trajectory._estimate(meas, opts, False, {}, threads=threads,
+                                                  sign_oracle=oracle).frame_to_first
         if first_direction(frame_to_first, points) != true_direction:
             frame_to_first = mirror(frame_to_first)
         out[name] = dict(motion_numbers(truth, geometry, frame_to_first, identity_errors),

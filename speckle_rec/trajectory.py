@@ -622,7 +622,7 @@ SLIDE_WINDOW = 60  # key steps on each side of a quiet stretch whose same-view p
 SLIDE_MIN_PAIRS = 3  # with fewer votes the DP's relation across a quiet stretch stays
 
 
-def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
+def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, sign_oracle=None):
     """Signs of the key steps (stage 2), or ``sign_oracle``'s; returns signs and a diagnostics dict."""
     n = keys.size - 1
     anchors = _anchor_design(meas)
@@ -637,7 +637,7 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
         signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
         if opts["slide"]:
-            signs, slide = _slide_across_quiet_stretches(meas, keys, planes, elevation, signs)
+            signs, slide = _slide_across_quiet_stretches(meas, keys, planes, elevation, result, threads)
     else:
         signs, uncertain, slide = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None
     signed = signs[:, None] * velocity
@@ -646,23 +646,25 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle=None):
                    "oracle": sign_oracle is not None, "slide": slide}
 
 
-def _slide_across_quiet_stretches(meas, keys, planes, elevation, signs):
+def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
     """Stage 2b (``slide=True``): the sign across each quiet stretch from the anatomy slide.
 
     The DP cannot carry a sign across a run of key steps that hardly move out of plane (the
     rotation protocol's in-plane rock): the same-view slide pairs straddling it vote instead
-    (:func:`speckle_rec.slide.vote_across_stretches`). Returns the signs and a diagnostics dict.
+    (:func:`speckle_rec.slide.vote_across_stretches`). ``dp`` is the sign DP's
+    :class:`speckle_rec.direction.SignResolution` (its margins place a flip the pairs cannot).
+    Returns the signs and a diagnostics dict.
     """
     clock = time.perf_counter()
     moving = moving_steps(elevation)
     first = second = np.zeros(0, np.int64)
     cosine = np.zeros(0)
     if quiet_stretches(moving):  # a steady sweep has none: no flows to pay for
-        fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes)
+        fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model, threads=threads)
         similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
         first, second, cosine = same_view_pairs(fields, similarity, moving)
-    signs, counts = vote_across_stretches(signs, moving, first, second, cosine, window=SLIDE_WINDOW,
-                                          min_pairs=SLIDE_MIN_PAIRS)
+    signs, counts = vote_across_stretches(dp.signs, moving, first, second, cosine, window=SLIDE_WINDOW,
+                                          min_pairs=SLIDE_MIN_PAIRS, margins=dp.flip_margin)
     return signs, dict(counts, same_view_pairs=int(first.size), seconds=round(time.perf_counter() - clock, 3))
 
 
@@ -1148,11 +1150,11 @@ def estimate_trajectory(frames, *, spacing_mm, model, mask=None, threads=None, p
     clock = time.perf_counter()
     mask = fan_mask_from_frames(frames) if mask is None else check_mask(mask, frames.shape[1:])
     meas = _measure(frames, mask, spacing, model, opts, threads, progress)
-    return _estimate(meas, opts, progress, {"measure": time.perf_counter() - clock})
+    return _estimate(meas, opts, progress, {"measure": time.perf_counter() - clock}, threads=threads)
 
 
-def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
-    """Stages 2-5 on measurements (real, or synthetic in tests).
+def _estimate(meas, opts, progress, seconds, *, threads=1, sign_oracle=None):
+    """Stages 2-5 on measurements (real, or synthetic in tests), ``threads`` for the slide flows.
 
     ``sign_oracle(keys, planes) -> signs`` replaces the sign stage's key-step signs, and the
     diagnostics describe those (measuring with the truth: ``benchmarks/trajectory_options.py
@@ -1162,7 +1164,7 @@ def _estimate(meas, opts, progress, seconds, *, sign_oracle=None):
     keys, step_rho, step_theta = _key_steps(meas, opts["key_rho"])
     free = fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])
     pivot, planes, covariance, pivot_cost = _decide_pivot(meas, step_rho, step_theta, free, opts)
-    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts, sign_oracle)
+    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts, threads, sign_oracle)
     seconds["signs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

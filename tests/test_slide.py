@@ -25,6 +25,15 @@ def _slid(image, shift_px, local_px, centre, radius_px):
     return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
+class _GaussianModel:
+    """Gaussian decorrelation at every depth that falls to ``MIN_RHO`` at 0.4 mm."""
+
+    sigma_mm = 0.4 / np.sqrt(-2 * np.log(slide.MIN_RHO))
+
+    def rho(self, distance_mm, depth_mm):
+        return np.exp(-0.5 * (np.asarray(distance_mm) / self.sigma_mm) ** 2) + 0 * np.asarray(depth_mm)
+
+
 def _field(base, shift_px, local_px, plane):
     """One key step's slide field: ``base`` (0.2 mm pixels when 128 wide, finer when wider) and
     ``_slid(base, ...)``, shifts in pixels of the 128-wide image, elevation ``plane`` (tz, a, b)."""
@@ -32,31 +41,35 @@ def _field(base, shift_px, local_px, plane):
     scale = w / 128
     moved = _slid(base, np.multiply(shift_px, scale), local_px * scale, (w / 2, h / 2), 12 * scale)
     stack, mask, spacing = np.stack([base, moved]), np.ones((h, w), bool), (0.2 / scale, 0.2 / scale)
-    return slide.slide_fields(stack, mask, spacing, np.array([0, 1]), np.array([plane], float))[0]
+    return slide.slide_fields(stack, mask, spacing, np.array([0, 1]), np.array([plane], float),
+                              model=_GaussianModel())[0]
 
 
 def test_slide_field_keeps_the_non_rigid_motion_signed_by_the_elevation():
     base = _anatomy((96, 128))
-    up, down = (0.5, 0.0, 0.0), (-0.5, 0.0, 0.0)
+    up, down = (0.3, 0.0, 0.0), (-0.3, 0.0, 0.0)
     right = _field(base, (0, 0), 1.5, up)
-    # 1.8 mm blocks of 9 px: 10 x 14 of them, of which the 3 rows above 4 mm (20 px) are the skin's
+    # points 1.8 mm (9 px) apart: 10 x 14 blocks, of which the 3 rows above 4 mm (20 px) are the skin's
     assert right.shape == (2 * (10 - 3) * 14,)
+    assert slide.slide_points(np.ones((96, 128), bool), (0.2, 0.2)).shape == ((10 - 3) * 14, 2)
     assert np.linalg.norm(right) == pytest.approx(1.0)
     assert right @ _field(base, (1, 1), 1.5, up) > 0.95  # the rigid part is removed
     assert right @ _field(base, (0, 0), -1.5, up) < -0.9  # sliding the other way
     assert right @ _field(base, (0, 0), 1.5, down) < -0.9  # the same slide under the opposite elevation
-    # a tilt whose elevation changes sign across the slide's region: the field is weighted per block
-    tilt = (-0.5 * 64 * 0.2, 0.5, 0.0)  # elevation 0.5·(x − 12.8 mm)
+    # a tilt whose elevation changes sign across the slide's region: the field is weighted per point
+    tilt = (-0.02 * 64 * 0.2, 0.02, 0.0)  # elevation 0.02·(x − 12.8 mm)
     assert abs(right @ _field(base, (0, 0), 1.5, tilt)) < 0.5
 
 
-def test_slide_fields_are_defined_in_mm():
-    """The same scene at 0.2 and 0.1 mm per pixel gives the same blocks and about the same field."""
-    coarse = _anatomy((96, 128))
-    fine = cv2.resize(coarse, (256, 192), interpolation=cv2.INTER_CUBIC)
-    a, b = _field(coarse, (0, 0), 1.5, (0.5, 0.0, 0.0)), _field(fine, (0, 0), 1.5, (0.5, 0.0, 0.0))
-    assert a.shape == b.shape
-    assert a @ b > 0.8
+def test_slide_field_leaves_out_points_that_move_too_far_out_of_plane():
+    base = _anatomy((96, 128))
+    assert not np.any(_field(base, (0, 0), 1.5, (0.5, 0.0, 0.0)))
+    # elevation 0.05·(x − 12.8 mm): beyond 0.4 mm (MIN_RHO) left of x = 4.8 and right of 20.8 mm
+    field = _field(base, (0, 0), 1.5, (-0.05 * 64 * 0.2, 0.05, 0.0)).reshape(-1, 2)
+    x_mm = (slide.slide_points(np.ones((96, 128), bool), (0.2, 0.2))[:, 0] + 1) * 0.2
+    tracked = np.any(field != 0, axis=1)
+    assert not np.any(tracked[(x_mm < 4.7) | (x_mm > 20.9)])
+    assert np.mean(tracked[(x_mm > 4.9) & (x_mm < 20.7)]) > 0.9
 
 
 def test_view_similarity_is_one_for_the_same_view():
@@ -104,7 +117,7 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
     cosine = np.array([0.6, 0.4, 0.5, -0.9])  # the last pair is out of the window (and wrong)
     signs, counts = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=3)
     assert signs.tolist() == truth.tolist() and dp[42] == -1  # a new array
-    assert counts == {"quiet_stretches": 1, "decided": 1, "flipped": 1}
+    assert counts == {"quiet_stretches": 1, "decided": 1, "flipped": 1, "moved": 0}
     # the same votes under the right signs change nothing
     assert slide.vote_across_stretches(truth, moving, first, second, cosine, window=20, min_pairs=3)[0].tolist() \
         == truth.tolist()
@@ -115,6 +128,32 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
     far = (np.array([5]), np.array([79]), np.array([0.9]))
     assert slide.vote_across_stretches(dp, moving, *far, window=20, min_pairs=1)[1]["decided"] == 0
     assert slide.vote_across_stretches(dp, moving, *far, window=40, min_pairs=1)[0].tolist() == truth.tolist()
+
+
+def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_stretch():
+    """The DP's signs are wrong after step 50, not across the quiet stretch 40-41: the flip goes there."""
+    moving = np.ones(80, bool)
+    moving[40:42] = False
+    truth = np.ones(80, np.int64)
+    dp = truth.copy()
+    dp[51:] = -1
+    # true cosines (all positive: the truth moves one way); under the DP's signs the three pairs
+    # reaching past step 50 disagree, and so does (42, 61), which does not straddle the stretch
+    first, second = np.array([25, 30, 28, 33, 36, 42]), np.array([46, 48, 55, 58, 60, 61])
+    cosine = np.array([0.5, 0.4, 0.6, 0.5, 0.4, 0.5])
+    # the pairs place the error at one of the junctions 48-54; the DP is least sure of junction 50
+    margins = np.full(79, 5.0)
+    margins[50] = 0.5
+    signs, counts = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=3,
+                                                margins=margins)
+    assert signs.tolist() == truth.tolist()
+    assert counts == {"quiet_stretches": 1, "decided": 1, "flipped": 1, "moved": 1}
+    unsure = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=3)[0]
+    assert np.flatnonzero(np.diff(unsure * dp)).tolist() == [48]  # equal margins: the first, junction 48
+    # without the pairs past step 50 the two sides agree: nothing changes
+    keep = second < 51
+    assert slide.vote_across_stretches(dp, moving, first[keep], second[keep], cosine[keep], window=20,
+                                       min_pairs=2)[0].tolist() == dp.tolist()
 
 
 def test_moving_steps_by_rms_elevation_at_the_anchors():

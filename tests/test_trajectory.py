@@ -7,13 +7,14 @@ import pytest
 
 from speckle_rec import trajectory as T
 from speckle_rec.decorrelation import DecorrelationModel
-from speckle_rec.direction import first_direction, mirror
+from speckle_rec.direction import SignResolution, first_direction, mirror
 from speckle_rec.errors import DataError
 from speckle_rec.inplane import fan_mask_from_frames, track_points
 from speckle_rec.outofplane import fan_apex_mm, fan_contact_mm, measure_pairs, patch_grid
 from speckle_rec.simulate.dataset import simulate_scan
 from speckle_rec.simulate.motion import probe_trajectory
 from speckle_rec.simulate.probe import Probe
+from speckle_rec.slide import moving_steps, quiet_stretches
 from speckle_rec.transforms import (
     globals_from_locals,
     invert_rigid,
@@ -334,19 +335,33 @@ def test_slide_option_votes_only_across_quiet_stretches(rendered):
     assert np.array_equal(slid.frame_to_first, plain.frame_to_first)
 
 
-def test_slide_option_votes_across_the_quiet_stretches_of_a_rotation_scan():
-    """Wiring: where the votes flip a stretch, the key signs change by a flip of everything after it."""
-    scan = simulate_scan(200, protocol="rotation", probe=MEDIUM, seed=5)
-    frames = scan.frames[0:200]
-    kwargs = dict(spacing_mm=MEDIUM.spacing_mm, model=DecorrelationModel.default(), threads=2)
-    plain = T.estimate_trajectory(frames, **kwargs).diagnostics
-    slid = T.estimate_trajectory(frames, slide=True, **kwargs).diagnostics
+def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch):
+    """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
+    first quiet stretch flipped, the slide votes flip them back."""
+    frames = simulate_scan(1000, protocol="rotation", probe=MEDIUM, seed=2).frames[0:300]
+    opts = T._check_options({})
+    meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, DecorrelationModel.default(), opts,
+                      2, False)
+    plain = T._estimate(meas, opts, False, {}, threads=2).diagnostics
+    slid = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     counts = slid["signs"]["slide"]
-    assert counts["quiet_stretches"] >= counts["decided"] >= counts["flipped"] >= 1  # measured: 5, 4, 1
-    assert counts["same_view_pairs"] >= 3
-    assert plain["key_frames"] == slid["key_frames"]
-    change = np.array(plain["key_signs"]) * np.array(slid["key_signs"])
-    assert np.count_nonzero(np.diff(change)) == counts["flipped"] and change[0] == 1
+    assert counts["decided"] >= 1 and counts["flipped"] == 0  # measured: 3 stretches, 3 decided
+    assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
+
+    keys, dp = np.array(plain["key_frames"]), T.resolve_signs
+
+    def broken(velocity, **kwargs):
+        found = dp(velocity, **kwargs)
+        _, end = quiet_stretches(moving_steps(velocity * np.diff(keys)[:, None]))[0]
+        signs = found.signs.copy()
+        signs[end + 1:] *= -1
+        return SignResolution(signs, found.flip_margin, found.cost)
+
+    monkeypatch.setattr(T, "resolve_signs", broken)
+    mended = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+    assert mended["signs"]["slide"]["flipped"] == 1 and mended["signs"]["slide"]["moved"] == 0
+    assert mended["key_signs"] == plain["key_signs"]
+    assert T._estimate(meas, opts, False, {}, threads=2).diagnostics["key_signs"] != plain["key_signs"]
 
 
 def test_few_frames(rendered):
