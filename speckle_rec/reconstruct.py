@@ -25,7 +25,7 @@ from .io import check_landmarks, checked_frames
 from .prediction import write_prediction
 
 
-def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threads=None):
+def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide=False, threads=None):
     """Estimate the trajectory of one scan from its frames alone.
 
     Parameters
@@ -38,6 +38,9 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threa
     first_direction : {1, -1}
         Sign of the first out-of-plane move (the global mirror speckle cannot decide, see
         :mod:`speckle_rec.direction`); :meth:`DirectionPrior.choose` gives it from tracked scans.
+    slide : bool
+        Decide the sign across quiet stretches by the anatomy slide (:mod:`speckle_rec.slide`;
+        ``benchmarks/README.md`` gives what it does to the scores and the time).
     threads : int, optional
         Numba / OpenCV threads.
 
@@ -52,7 +55,7 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, threa
     frames = checked_frames(np.asarray(frames), "frames")
     model = DecorrelationModel.default() if model is None else model
     return estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads,
-                               first_direction=first_direction)
+                               first_direction=first_direction, slide=slide)
 
 
 def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=None):
@@ -107,6 +110,7 @@ class ReconstructTask:
     model: DecorrelationModel
     ddf: bool
     direction_prior: DirectionPrior | None = None
+    slide: bool = False
     threads: int | None = None
 
     def __call__(self, scan, out_path):
@@ -114,7 +118,7 @@ class ReconstructTask:
         frames = scan.read_frames()
         direction, basis = (self.direction_prior or DirectionPrior()).choose(scan.name)
         result = reconstruct_scan(frames, spacing_mm=self.calibration.spacing_mm, model=self.model,
-                                  first_direction=direction, threads=self.threads)
+                                  first_direction=direction, slide=self.slide, threads=self.threads)
         wall = time.perf_counter() - start
         diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("key_frames", "key_signs")}
         diagnostics["signs"]["first_direction_basis"] = basis
@@ -129,8 +133,8 @@ class ReconstructTask:
         return wall
 
 
-def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, ddf=False, jobs=1, threads=None,
-                        overwrite=False, progress=True):
+def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, ddf=False, slide=False, jobs=1,
+                        threads=None, overwrite=False, progress=True):
     """Reconstruct every scan of ``dataset`` into the prediction folder ``out_dir``.
 
     Parameters
@@ -146,6 +150,8 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, d
         (:func:`speckle_rec.calibrate.learn_direction_prior`); default: the +1 convention.
     ddf : bool
         Also write GP, GL, LP, LL (in chunks; needs the folder's landmarks).
+    slide : bool
+        The anatomy-slide sign stage (:func:`reconstruct_scan`).
     jobs : int
         Scans reconstructed at once, each in its own process.
     threads : int, optional
@@ -164,6 +170,6 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, d
         missing = [s.key for s in dataset.scans if s.landmarks_path is None]
         if missing:
             raise DataError(f"--ddf needs landmarks; none for {missing[0]}", dataset.root)
-    task = ReconstructTask(calibration, model, ddf, direction_prior)
+    task = ReconstructTask(calibration, model, ddf, direction_prior, slide)
     return run_scans(dataset, out_dir, task, finished_keys=ALL_KEYS if ddf else TRANSFORM_KEYS, jobs=jobs,
                      threads=threads, overwrite=overwrite, progress=progress, desc="reconstruct")

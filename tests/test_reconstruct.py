@@ -89,6 +89,18 @@ def test_reconstruct_uses_the_calibration_files_prior(sweep_dir, tmp_path, capsy
     assert "reconstructed 0 scan(s), skipped 1 finished" in capsys.readouterr().err
 
 
+def test_reconstruct_slide_switch_reaches_the_sign_stage(sweep_dir, tmp_path):
+    n, h, w = open_dataset(sweep_dir).scans[0].shape()
+    notes = {}
+    for name, extra in (("plain", []), ("slide", ["--slide"])):
+        assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / name), "--quiet", *extra]) == 0
+        with open_prediction(prediction_path(tmp_path / name, "050", "LH_Per_L_DtP"), n_frames=n,
+                             n_pixels=h * w, n_landmarks=0) as prediction:
+            notes[name] = prediction.diagnostics["signs"]["slide"]
+    assert notes["plain"] is None
+    assert set(notes["slide"]) >= {"quiet_stretches", "decided", "flipped", "moved", "same_view_pairs"}
+
+
 def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):
     calib = tmp_path / "calib.json"
     save_calibration(calib, DecorrelationModel.default())
