@@ -28,6 +28,10 @@ Only moving steps count (:func:`speckle_rec.slide.moving_steps`), and only pairs
   counts those where the same-view pairs straddling the run, with the true signs, sum to a
   positive agreement (the cue gives the true relation of the two sides); ``DP right`` those where
   the DP's signs relate the steps just before and after the run as the truth does.
+
+A second table gives, per folder, the same-view pairs of every |cosine| (``MIN_COSINE`` not
+applied) in bins of ``COSINE_BINS``, and the share of each bin whose cosine has the true sign:
+what ``MIN_COSINE`` is chosen from.
 """
 
 import sys
@@ -42,6 +46,8 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.slide import (
     MIN_COSINE,
+    MIN_GAP,
+    SAME_VIEW,
     moving_steps,
     quiet_stretches,
     same_view_pairs,
@@ -51,6 +57,8 @@ from speckle_rec.slide import (
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_key_signs
+
+COSINE_BINS = (0.05, 0.1, 0.15, 0.2, 0.3, 1.0)
 
 
 def pair_accuracy(cosine, relation, use):
@@ -79,6 +87,11 @@ def run_scan(scan, calibration, model, threads):
     first, second, _ = same_view_pairs(fields, similarity, moving)
     same_view = np.zeros(cosine.shape, bool)
     same_view[first, second] = True
+    unthresholded = np.triu(similarity > SAME_VIEW, MIN_GAP) & moving[:, None] & moving[None, :]
+    by_cosine = []
+    for low, high in zip(COSINE_BINS[:-1], COSINE_BINS[1:]):
+        use = unthresholded & (np.abs(cosine) >= low) & (np.abs(cosine) < high if high < 1 else True)
+        by_cosine.append([int(use.sum()), int(np.sum(use & (np.sign(cosine) == relation)))])
     adjacent = np.zeros(cosine.shape, bool)
     steps = np.arange(keys.size - 2)
     adjacent[steps, steps + 1] = moving[:-1] & moving[1:] & (np.abs(cosine[steps, steps + 1]) > MIN_COSINE)
@@ -92,7 +105,8 @@ def run_scan(scan, calibration, model, threads):
         stretches.append({"steps": [int(start), int(end)], "pairs": int(before.size),
                           "cue_right": bool(before.size and agreement > 0),
                           "dp_right": bool(dp_signs[start - 1] * dp_signs[end + 1] == truth_across)})
-    out = {"key_steps": int(keys.size - 1), "moving": int(moving.sum()), "stretches": stretches}
+    out = {"key_steps": int(keys.size - 1), "moving": int(moving.sum()), "stretches": stretches,
+           "same_view_by_cosine": by_cosine}
     for name, use in (("adjacent", adjacent), ("same_view", same_view)):
         out[f"{name}_pairs"], out[f"{name}_accuracy"] = pair_accuracy(cosine, relation, use)
     dp_relation = dp_signs[1:] * dp_signs[:-1]
@@ -115,9 +129,12 @@ def main(argv=None):
     def summary(numbers):
         return f"{numbers['key_steps']} key steps, {len(numbers['stretches'])} quiet stretches"
 
-    results, rows = {}, []
+    results, rows, bin_rows = {}, [], []
     for folder, per_scan in scan_results(args.data, measure, summary, log):
         results[str(folder)] = per_scan
+        counts = np.sum([numbers["same_view_by_cosine"] for numbers in per_scan.values()], axis=0)
+        bin_rows.append([Path(folder).name] + [f"{total}, {cell(right / total if total else None, 3)}"
+                                               for total, right in counts])
         for key, numbers in per_scan.items():
             stretches = [s for s in numbers["stretches"] if s["pairs"]]
             rows.append([Path(folder).name, key, numbers["key_steps"],
@@ -130,6 +147,8 @@ def main(argv=None):
     header = ["data", "scan", "key steps", "DP adjacent", "adjacent pairs", "cue right", "same-view pairs",
               "cue right", "stretches with pairs", "cue right", "DP right"]
     print(format_table(header, rows))
+    print(format_table(["data"] + [f"|cos| {low}-{high}" for low, high in zip(COSINE_BINS[:-1], COSINE_BINS[1:])],
+                       bin_rows))
     print(f"model {args.model}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "model": args.model,

@@ -81,12 +81,13 @@ slides in the image when the plane moves out of plane, by the signed elevation t
 belongs to the anatomy and the view (:mod:`speckle_rec.slide`). Two key steps from about the same
 view then slide alike when they move the same way, however far apart in time, so the steps on the
 two sides of a quiet stretch can vote on its relation: with the true signs inside, their votes give
-the true relation at 91 of 98 quiet stretches of 18 simulated rotation scans, the DP at 82
-(``benchmarks/anatomy_slide.py``). As a stage after the DP, with the true mirror, it raised the
-mean rotation score on 8 more scans from 0.35 to 0.59 and at 480×640 from 0.39 to 0.45, and left
-the 5 benchmark scans at 0.50 (``benchmarks/README.md``; its window was chosen on the same scans).
-It costs one dense flow per key step (10 s per 1000-frame 240×320 scan, 54 s per 1600-frame
-480×640 one), so it is not on by default.
+the true relation at 74 of 89 quiet stretches of 18 simulated rotation scans (all 15 misses with 6
+pairs or fewer), the DP at 75 (``benchmarks/anatomy_slide.py``). As a stage after the DP, with the
+true mirror, it raised the mean rotation score of those scans from 0.40 to 0.46, most of it on one
+scan (``benchmarks/README.md``; its settings were chosen on the same scans). It costs a sparse
+flow per key step (about 1 s per 1000-frame 240×320 scan, 6 s per 1600-frame 480×640 one) and
+flipped one of 15 simulated sweeps wrongly, so it is not on by default
+(``speckle-rec reconstruct --slide``).
 
 The global mirror
 -----------------

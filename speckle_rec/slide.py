@@ -7,16 +7,18 @@ in-plane run per mm of elevation. ``g`` belongs to the anatomy and the plane's p
 motion, so two key steps taken from about the same view slide alike when they move the same way
 and oppositely when they do not, however far apart in time.
 
-A key step's *slide field* (:func:`slide_fields`) is the pyramidal Lucas-Kanade flow of a grid of
-points ``BLOCK_MM`` apart between its two frames, blurred by ``BLUR_MM`` and tracked with a window
-of ``WINDOW_MM``, minus the least-squares rigid in-plane motion of those points, each point
-weighted by the step's fitted elevation there (sign unknown), scaled to unit length. Only points
-deeper than ``MIN_DEPTH_MM`` where that |elevation| is at most ``MAX_ELEVATION_MM`` are tracked:
-farther out the flow no longer follows the slide (on the simulated 480×640 rotation scans of seeds
-1 and 3, 59-94 % of the same-view pairs had the right sign with those points tracked, whether
-weighted by their elevation or by ``MAX_ELEVATION_MM``, and 95-99 % without them). The cosine of two steps' fields has
-the sign of the product of their signs (:func:`same_view_pairs` keeps the clear ones between steps
-far apart that see the same view).
+A key step's *slide field* (:func:`slide_fields`) is the pyramidal Lucas-Kanade flow between its
+two frames, blurred by ``BLUR_MM``, of points ``BLOCK_MM`` apart tracked with a ``WINDOW_MM``
+window, minus the least-squares rigid in-plane motion of those points, each point weighted by the
+step's fitted elevation there (sign unknown), scaled to unit length. Only points deeper than
+``MIN_DEPTH_MM`` where the step keeps the expected correlation (by the decorrelation model) at
+``MIN_RHO`` or more are tracked: where the plane moves farther, the flow no longer follows the
+slide. On the simulated 480×640 rotation scans of seeds 1 and 3, 59-94 % of the same-view pairs
+had the right sign with those points, whether weighted by their elevation or with the weight
+clipped at 0.4 mm, and 95-99 % without them. The cosine of two steps' fields has the sign of the
+product of their signs (:func:`same_view_pairs` keeps the clear ones between steps far apart that
+see the same view). Lucas-Kanade replaced a dense Farneback flow averaged in blocks: 5-10 times
+faster, and its cosines are more often right at the same size (``benchmarks/README.md``).
 With ``slide=True``, :func:`speckle_rec.trajectory.estimate_trajectory` uses these pairs to decide
 the relation across each quiet stretch (:func:`quiet_stretches`), which decorrelation cannot carry
 a sign across; ``benchmarks/anatomy_slide.py`` measures the cue and ``benchmarks/README.md`` what
@@ -35,7 +37,7 @@ MIN_RHO = 0.9  # points whose step decorrelates them below this (by the model) a
 THUMBNAIL_BLUR_MM = 0.9
 THUMBNAIL = (40, 30)
 MIN_DEPTH_MM = 4.0  # the skin and the fat under it move with the probe, not with the anatomy
-MIN_COSINE = 0.15  # smaller cosines carry little sign
+MIN_COSINE = 0.15  # below it fewer than 95 % of same-view pairs had the right sign (benchmarks/README.md)
 MIN_GAP = 21  # key steps; nearer pairs are the sign DP's
 SAME_VIEW = 0.99  # thumbnail correlation above which two frames show about the same view
 MIN_STEP_MM = 0.1  # key steps whose RMS anchor elevation is below this hardly slide

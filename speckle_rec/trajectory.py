@@ -19,7 +19,7 @@ Stages (timed in ``diagnostics["seconds"]``)
    exact Viterbi over velocity smoothness plus two- and three-step triplet tests picks the signs.
    With ``slide=True`` the relation across each quiet stretch (key steps that hardly move out of
    plane) is then put to a vote of same-view key steps on its two sides by the anatomy slide
-   (:mod:`speckle_rec.slide`; one dense flow per key step).
+   (:mod:`speckle_rec.slide`; one sparse flow per key step).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -84,7 +84,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
-    "slide": False,  # decide the sign across quiet stretches by the anatomy slide (costs a flow per key step)
+    "slide": False,  # decide the sign across quiet stretches by the anatomy slide (a sparse flow per key step)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
