@@ -39,8 +39,9 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide
         Sign of the first out-of-plane move (the global mirror speckle cannot decide, see
         :mod:`speckle_rec.direction`); :meth:`DirectionPrior.choose` gives it from tracked scans.
     slide : bool
-        Decide the sign across quiet stretches by the anatomy slide (:mod:`speckle_rec.slide`;
-        ``benchmarks/README.md`` gives what it does to the scores and the time).
+        Decide the sign across quiet stretches by the anatomy slide (:mod:`speckle_rec.slide`), on
+        scans that fan about a fixed skin contact (``benchmarks/README.md`` gives what it does to
+        the scores and the time).
     threads : int, optional
         Numba / OpenCV threads.
 

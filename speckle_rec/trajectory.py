@@ -17,9 +17,11 @@ Stages (timed in ``diagnostics["seconds"]``)
    the longest stride whose median ρ stays ≥ ``key_rho``; its |plane| is fitted in ρ space
    (:func:`fit_planes`), with the skin-contact pivot prior when the data show a fixed contact;
    exact Viterbi over velocity smoothness plus two- and three-step triplet tests picks the signs.
-   With ``slide=True`` the relation across each quiet stretch (key steps that hardly move out of
-   plane) is then put to a vote of same-view key steps on its two sides by the anatomy slide
-   (:mod:`speckle_rec.slide`; one sparse flow per key step).
+   With ``slide=True``, on a scan that fans about a fixed skin contact (the pivot prior is on),
+   the relation across each quiet stretch (key steps that hardly move out of plane) is then put to
+   a vote of same-view key steps on its two sides by the anatomy slide (:mod:`speckle_rec.slide`;
+   one sparse flow per key step). Sweeps do not come back to a view; on one the stage flipped a
+   stretch wrongly (``benchmarks/README.md``).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -84,7 +86,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
-    "slide": False,  # decide the sign across quiet stretches by the anatomy slide (a sparse flow per key step)
+    "slide": False,  # anatomy-slide votes across quiet stretches, on fanning scans (a sparse flow per key step)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -622,8 +624,12 @@ SLIDE_WINDOW = 60  # key steps on each side of a quiet stretch whose same-view p
 SLIDE_MIN_PAIRS = 3  # with fewer votes the DP's relation across a quiet stretch stays
 
 
-def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, sign_oracle=None):
-    """Signs of the key steps (stage 2), or ``sign_oracle``'s; returns signs and a diagnostics dict."""
+def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, *, pivot=False, sign_oracle=None):
+    """Signs of the key steps (stage 2), or ``sign_oracle``'s; returns signs and a diagnostics dict.
+
+    ``pivot``: the scan fans about a fixed skin contact (:func:`_decide_pivot`); only such scans
+    come back to the views the slide stage compares.
+    """
     n = keys.size - 1
     anchors = _anchor_design(meas)
     lengths = np.diff(keys).astype(np.float64)
@@ -636,8 +642,10 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, sign_oracl
         result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
         signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
-        if opts["slide"]:
+        if opts["slide"] and pivot:
             signs, slide = _slide_across_quiet_stretches(meas, keys, planes, elevation, result, threads)
+        elif opts["slide"]:
+            slide = {"skipped": "no fixed skin contact"}
     else:
         signs, uncertain, slide = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None
     signed = signs[:, None] * velocity
@@ -1127,7 +1135,7 @@ def estimate_trajectory(frames, *, spacing_mm, model, mask=None, threads=None, p
         Progress bars on stderr.
     **options
         Method settings, see ``DEFAULT_OPTIONS`` (strides, patches, flow_downsample, key_rho,
-        triplet_weight, pivot, pivot_sigma_mm, acceleration_mm, inplane_sigma_scale,
+        triplet_weight, slide, pivot, pivot_sigma_mm, acceleration_mm, inplane_sigma_scale,
         rho_sigma_floor, f_scale, window, overlap, max_iterations, first_direction).
 
     Returns
@@ -1164,7 +1172,8 @@ def _estimate(meas, opts, progress, seconds, *, threads=1, sign_oracle=None):
     keys, step_rho, step_theta = _key_steps(meas, opts["key_rho"])
     free = fit_planes(step_rho, step_theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])
     pivot, planes, covariance, pivot_cost = _decide_pivot(meas, step_rho, step_theta, free, opts)
-    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts, threads, sign_oracle)
+    signs, sign_info = _resolve_key_signs(meas, keys, planes, covariance, opts, threads, pivot=pivot,
+                                          sign_oracle=sign_oracle)
     seconds["signs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -98,7 +98,7 @@ def test_reconstruct_slide_switch_reaches_the_sign_stage(sweep_dir, tmp_path):
                              n_pixels=h * w, n_landmarks=0) as prediction:
             notes[name] = prediction.diagnostics["signs"]["slide"]
     assert notes["plain"] is None
-    assert set(notes["slide"]) >= {"quiet_stretches", "decided", "flipped", "moved", "same_view_pairs"}
+    assert notes["slide"] == {"skipped": "no fixed skin contact"}  # the stage is for fanning scans
 
 
 def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):

@@ -323,16 +323,21 @@ def test_first_direction_option_mirrors(rendered):
     assert np.allclose(minus, mirror(plus), atol=1e-9)
 
 
-def test_slide_option_votes_only_across_quiet_stretches(rendered):
-    """A steady sweep has no quiet stretch: the slide stage computes no flow and changes nothing."""
+def test_slide_option_leaves_sweeps_alone(rendered):
+    """A sweep has no fixed skin contact: the slide stage is skipped. Forced to fan about one, the
+    steady sweep still has no quiet stretch: no flow is computed and nothing changes."""
     model, _, frames = rendered
     kwargs = dict(spacing_mm=MEDIUM.spacing_mm, model=model, threads=2, window=60, overlap=10)
     plain = T.estimate_trajectory(frames[:80], **kwargs)
     slid = T.estimate_trajectory(frames[:80], slide=True, **kwargs)
-    assert plain.diagnostics["signs"]["slide"] is None
-    counts = slid.diagnostics["signs"]["slide"]
-    assert counts["quiet_stretches"] == counts["decided"] == counts["flipped"] == counts["same_view_pairs"] == 0
+    assert plain.diagnostics["signs"]["slide"] is None and plain.diagnostics["pivot"] is False
+    assert slid.diagnostics["signs"]["slide"] == {"skipped": "no fixed skin contact"}
     assert np.array_equal(slid.frame_to_first, plain.frame_to_first)
+    pivoted = T.estimate_trajectory(frames[:80], pivot=True, **kwargs)
+    forced = T.estimate_trajectory(frames[:80], pivot=True, slide=True, **kwargs)
+    counts = forced.diagnostics["signs"]["slide"]
+    assert counts["quiet_stretches"] == counts["decided"] == counts["flipped"] == counts["same_view_pairs"] == 0
+    assert np.array_equal(forced.frame_to_first, pivoted.frame_to_first)
 
 
 def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch):
