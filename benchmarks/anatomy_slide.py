@@ -147,8 +147,8 @@ def main(argv=None):
     header = ["data", "scan", "key steps", "DP adjacent", "adjacent pairs", "cue right", "same-view pairs",
               "cue right", "stretches with pairs", "cue right", "DP right"]
     print(format_table(header, rows))
-    print(format_table(["data"] + [f"|cos| {low}-{high}" for low, high in zip(COSINE_BINS[:-1], COSINE_BINS[1:])],
-                       bin_rows))
+    bins = zip(COSINE_BINS[:-1], COSINE_BINS[1:])
+    print(format_table(["data"] + [f"|cos| {low}-{high}" for low, high in bins], bin_rows))
     print(f"model {args.model}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(args.json, {"command": " ".join(sys.argv), "machine": machine, "model": args.model,

@@ -188,8 +188,8 @@ def run_reconstruct(args):
         print("first out-of-plane direction (the mirror speckle cannot decide): "
               + ", ".join(f"{name} {d:+d} ({basis})" for name, d, basis in chosen), file=sys.stderr)
     summary = reconstruct_dataset(dataset, args.out, model=model, direction_prior=prior, ddf=args.ddf,
-                                  slide=args.slide, jobs=args.jobs, threads=args.threads, overwrite=args.overwrite,
-                                  progress=not args.quiet)
+                                  slide=args.slide, jobs=args.jobs, threads=args.threads,
+                                  overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         write_json(args.json, {"out": str(args.out), "done": summary.done, "skipped": summary.skipped,
                                "failed": summary.failed})

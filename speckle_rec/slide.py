@@ -39,7 +39,7 @@ MIN_RHO = 0.9  # points whose step decorrelates them below this (by the model) a
 THUMBNAIL_BLUR_MM = 0.9
 THUMBNAIL = (40, 30)
 MIN_DEPTH_MM = 4.0  # the skin and the fat under it move with the probe, not with the anatomy
-MIN_COSINE = 0.15  # below it fewer than 95 % of same-view pairs had the right sign (benchmarks/README.md)
+MIN_COSINE = 0.15  # same-view pairs right: <= 91 % below it, >= 94.7 % above (benchmarks/README.md)
 MIN_GAP = 21  # key steps; nearer pairs are the sign DP's
 SAME_VIEW = 0.99  # thumbnail correlation above which two frames show about the same view
 MIN_STEP_MM = 0.1  # key steps whose RMS anchor elevation is below this hardly slide
@@ -267,5 +267,5 @@ def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_p
     return signs, {"quiet_stretches": len(stretches), "decided": decided, "flipped": flipped, "moved": moved}
 
 
-__all__ = ["moving_steps", "quiet_stretches", "same_view_pairs", "slide_fields", "slide_points", "view_similarity",
-           "vote_across_stretches"]
+__all__ = ["moving_steps", "quiet_stretches", "same_view_pairs", "slide_fields", "slide_points",
+           "view_similarity", "vote_across_stretches"]

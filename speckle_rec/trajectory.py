@@ -86,7 +86,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
-    "slide": False,  # anatomy-slide votes across quiet stretches, on fanning scans (a sparse flow per key step)
+    "slide": False,  # anatomy-slide votes across the quiet stretches of fanning scans (a flow per key step)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -668,7 +668,8 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
     first = second = np.zeros(0, np.int64)
     cosine = np.zeros(0)
     if quiet_stretches(moving):  # a steady sweep has none: no flows to pay for
-        fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model, threads=threads)
+        fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model,
+                              threads=threads)
         similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
         first, second, cosine = same_view_pairs(fields, similarity, moving)
     signs, counts = vote_across_stretches(dp.signs, moving, first, second, cosine, window=SLIDE_WINDOW,

@@ -382,7 +382,8 @@ def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
         first, last = stretch["steps"]
         assert 0 < first <= last < scan["key_steps"] - 1 and stretch["pairs"] >= 0
     by_cosine = np.array(scan["same_view_by_cosine"])  # (bins, [pairs, right])
-    assert by_cosine.shape == (len(anatomy_slide.COSINE_BINS) - 1, 2) and np.all(by_cosine[:, 1] <= by_cosine[:, 0])
+    assert by_cosine.shape == (len(anatomy_slide.COSINE_BINS) - 1, 2)
+    assert np.all(by_cosine[:, 1] <= by_cosine[:, 0])
     # the kept same-view pairs (|cosine| > MIN_COSINE) are those of the bins from MIN_COSINE on
     kept = anatomy_slide.COSINE_BINS.index(anatomy_slide.MIN_COSINE)
     assert by_cosine[kept:, 0].sum() == scan["same_view_pairs"]

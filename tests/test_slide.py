@@ -61,6 +61,15 @@ def test_slide_field_keeps_the_non_rigid_motion_signed_by_the_elevation():
     assert abs(right @ _field(base, (0, 0), 1.5, tilt)) < 0.5
 
 
+def test_slide_fields_are_defined_in_mm():
+    """The same scene at 0.2 and 0.1 mm per pixel gives the same points and about the same field."""
+    coarse = _anatomy((96, 128))
+    fine = cv2.resize(coarse, (256, 192), interpolation=cv2.INTER_CUBIC)
+    a, b = _field(coarse, (0, 0), 1.5, (0.3, 0.0, 0.0)), _field(fine, (0, 0), 1.5, (0.3, 0.0, 0.0))
+    assert a.shape == b.shape
+    assert a @ b > 0.8
+
+
 def test_slide_field_leaves_out_points_that_move_too_far_out_of_plane():
     base = _anatomy((96, 128))
     assert not np.any(_field(base, (0, 0), 1.5, (0.5, 0.0, 0.0)))
@@ -106,13 +115,22 @@ def test_quiet_stretches_need_moving_steps_on_both_sides():
     assert slide.quiet_stretches(np.zeros(4, bool)) == []
 
 
-def test_votes_decide_the_relation_across_a_quiet_stretch():
-    """Steps 0-39 and 42-79 move, 40-41 are quiet; the truth keeps the sign across, the DP flipped."""
+def _quiet_scene(wrong_from):
+    """80 key steps, 40-41 quiet; the truth moves one way, the DP's signs are flipped from ``wrong_from``.
+
+    Returns moving, true signs, DP signs.
+    """
     moving = np.ones(80, bool)
     moving[40:42] = False
     truth = np.ones(80, np.int64)
     dp = truth.copy()
-    dp[42:] = -1
+    dp[wrong_from:] = -1
+    return moving, truth, dp
+
+
+def test_votes_decide_the_relation_across_a_quiet_stretch():
+    """The DP flipped the relation across the quiet stretch; the votes mend it."""
+    moving, truth, dp = _quiet_scene(42)
     first, second = np.array([30, 35, 38, 5]), np.array([50, 60, 45, 79])
     cosine = np.array([0.6, 0.4, 0.5, -0.9])  # the last pair is out of the window (and wrong)
     signs, counts = slide.vote_across_stretches(dp, moving, first, second, cosine, window=20, min_pairs=3)
@@ -132,11 +150,7 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
 
 def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_stretch():
     """The DP's signs are wrong after step 50, not across the quiet stretch 40-41: the flip goes there."""
-    moving = np.ones(80, bool)
-    moving[40:42] = False
-    truth = np.ones(80, np.int64)
-    dp = truth.copy()
-    dp[51:] = -1
+    moving, truth, dp = _quiet_scene(51)
     # true cosines (all positive: the truth moves one way); under the DP's signs the three pairs
     # reaching past step 50 disagree, and so does (42, 61), which does not straddle the stretch
     first, second = np.array([25, 30, 28, 33, 36, 42]), np.array([46, 48, 55, 58, 60, 61])
