@@ -156,12 +156,17 @@ def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
     import speckle_rec
     from speckle_rec import reconstruct
 
+    asked = {}
+
     def failing(*args, **kwargs):
+        asked.update(kwargs)
         raise DataError("estimation failed")
 
     monkeypatch.setattr(reconstruct, "reconstruct_scan", failing)
     scan = open_dataset(sweep_dir).scans[0]
     frames, landmarks = scan.read_frames()[:20], scan.read_landmarks()
     with pytest.raises(DataError, match="estimation failed"):
-        speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"))
+        speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"),
+                                 slide=True)
     assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
+    assert asked["slide"] is True  # the keyword reaches the estimation
