@@ -166,7 +166,7 @@ def register_reconstruct(sub, common):
     p.add_argument("--slide", action="store_true",
                    help="decide the out-of-plane sign across quiet stretches by the anatomy slide, on scans "
                         "that fan about a fixed skin contact (about 1 s more per 1000-frame 240x320 scan, "
-                        "6 s per 1600-frame 480x640 one)")
+                        "3 s per 1600-frame 480x640 one)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
     p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
     p.add_argument("--overwrite", action="store_true", help="recompute scans that are already finished")

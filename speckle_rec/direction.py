@@ -86,9 +86,9 @@ pairs or fewer), the DP at 75 (``benchmarks/anatomy_slide.py``). As a stage afte
 true mirror, it raised the mean rotation score of those scans from 0.40 to 0.46, most of it on one
 scan (``benchmarks/README.md``; its settings were chosen on the same scans). It runs only on
 scans that fan about a fixed skin contact: sweeps do not come back to a view, and before that
-gate it flipped one of 15 simulated sweeps wrongly. It costs a sparse flow per key step (about
-1 s per 1000-frame 240×320 scan, 6 s per 1600-frame 480×640 one) and is not on by default, since
-its gain rests on few scans (``speckle-rec reconstruct --slide``).
+gate it flipped one of 15 simulated sweeps wrongly. It costs a sparse flow per key step near a
+quiet stretch (about 1 s per 1000-frame 240×320 scan, 3 s per 1600-frame 480×640 one) and is not
+on by default, since its gain rests on few scans (``speckle-rec reconstruct --slide``).
 
 The global mirror
 -----------------

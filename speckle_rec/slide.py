@@ -65,7 +65,7 @@ def slide_points(mask, spacing):
     return np.stack([cols, rows], axis=1).astype(np.float32) * block + (block - 1) / 2
 
 
-def slide_fields(stack, mask, spacing, keys, planes, *, model, threads=1):
+def slide_fields(stack, mask, spacing, keys, planes, *, model, steps=None, threads=1):
     """Unit slide fields of the key steps, each weighted by the step's fitted elevation.
 
     Parameters
@@ -83,6 +83,8 @@ def slide_fields(stack, mask, spacing, keys, planes, *, model, threads=1):
     model : DecorrelationModel
         The curves the planes were fitted with: a point is tracked where the step's expected
         correlation there is at least ``MIN_RHO``.
+    steps : (S,) int ndarray, optional
+        The key steps to compute (default: all); the others' rows stay zero.
     threads : int
         Key steps tracked at once.
 
@@ -128,9 +130,12 @@ def slide_fields(stack, mask, spacing, keys, planes, *, model, threads=1):
         norm = float(np.linalg.norm(out))
         return (out / norm if norm > 0 else out).ravel()
 
+    steps = np.arange(keys.size - 1) if steps is None else np.asarray(steps, dtype=np.int64)
+    fields = np.zeros((keys.size - 1, 2 * points.shape[0]))
     with ThreadPoolExecutor(max(1, int(threads))) as pool:  # OpenCV's LK releases the GIL
-        rows = list(pool.map(field, range(keys.size - 1)))
-    return np.array(rows).reshape(keys.size - 1, 2 * points.shape[0])
+        for m, row in zip(steps, pool.map(field, steps)):
+            fields[m] = row
+    return fields
 
 
 def view_similarity(stack, frames, spacing):

@@ -20,8 +20,8 @@ Stages (timed in ``diagnostics["seconds"]``)
    With ``slide=True``, on a scan that fans about a fixed skin contact (the pivot prior is on),
    the relation across each quiet stretch (key steps that hardly move out of plane) is then put to
    a vote of same-view key steps on its two sides by the anatomy slide (:mod:`speckle_rec.slide`;
-   one sparse flow per key step). Sweeps do not come back to a view; on one the stage flipped a
-   stretch wrongly (``benchmarks/README.md``).
+   one sparse flow per key step near a stretch). Sweeps do not come back to a view; on one the
+   stage flipped a stretch wrongly (``benchmarks/README.md``).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -86,7 +86,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
-    "slide": False,  # anatomy-slide votes across the quiet stretches of fanning scans (a flow per key step)
+    "slide": False,  # anatomy-slide votes across the quiet stretches of fanning scans (flows near them)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -665,16 +665,24 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
     """
     clock = time.perf_counter()
     moving = moving_steps(elevation)
+    # only moving steps within SLIDE_WINDOW of a quiet stretch can vote: the others need no flow
+    voting = np.zeros(moving.size, bool)
+    for start, end in quiet_stretches(moving):
+        voting[max(start - SLIDE_WINDOW, 0):end + SLIDE_WINDOW + 1] = True
+    steps = np.flatnonzero(voting & moving)
     first = second = np.zeros(0, np.int64)
     cosine = np.zeros(0)
-    if quiet_stretches(moving):  # a steady sweep has none: no flows to pay for
+    if steps.size:
         fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model,
-                              threads=threads)
-        similarity = view_similarity(meas.stack, (keys[:-1] + keys[1:]) // 2, meas.spacing)
+                              steps=steps, threads=threads)
+        similarity = np.zeros((moving.size, moving.size))
+        middles = (keys[steps] + keys[steps + 1]) // 2
+        similarity[np.ix_(steps, steps)] = view_similarity(meas.stack, middles, meas.spacing)
         first, second, cosine = same_view_pairs(fields, similarity, moving)
     signs, counts = vote_across_stretches(dp.signs, moving, first, second, cosine, window=SLIDE_WINDOW,
                                           min_pairs=SLIDE_MIN_PAIRS, margins=dp.flip_margin)
-    return signs, dict(counts, same_view_pairs=int(first.size), seconds=round(time.perf_counter() - clock, 3))
+    return signs, dict(counts, flows=int(steps.size), same_view_pairs=int(first.size),
+                       seconds=round(time.perf_counter() - clock, 3))
 
 
 # --------------------------------------------------------------------------- initial trajectory

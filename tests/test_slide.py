@@ -70,6 +70,19 @@ def test_slide_fields_are_defined_in_mm():
     assert a @ b > 0.8
 
 
+def test_slide_fields_of_chosen_steps_only():
+    base = _anatomy((96, 128))
+    h, w = base.shape
+    centre = (w / 2, h / 2)
+    stack = np.stack([base, _slid(base, (0, 0), 1.5, centre, 12), _slid(base, (1, 0), -1.5, centre, 12)])
+    planes = np.array([[0.3, 0.0, 0.0], [0.3, 0.0, 0.0]])
+    args = (stack, np.ones((h, w), bool), (0.2, 0.2), np.array([0, 1, 2]), planes)
+    every = slide.slide_fields(*args, model=_GaussianModel(), threads=2)
+    second = slide.slide_fields(*args, model=_GaussianModel(), steps=np.array([1]))
+    assert np.linalg.norm(every, axis=1) == pytest.approx([1.0, 1.0])
+    assert not np.any(second[0]) and np.array_equal(second[1], every[1])
+
+
 def test_slide_field_leaves_out_points_that_move_too_far_out_of_plane():
     base = _anatomy((96, 128))
     assert not np.any(_field(base, (0, 0), 1.5, (0.5, 0.0, 0.0)))

@@ -336,7 +336,7 @@ def test_slide_option_leaves_sweeps_alone(rendered):
     pivoted = T.estimate_trajectory(frames[:80], pivot=True, **kwargs)
     forced = T.estimate_trajectory(frames[:80], pivot=True, slide=True, **kwargs)
     counts = forced.diagnostics["signs"]["slide"]
-    assert counts["quiet_stretches"] == counts["flipped"] == counts["same_view_pairs"] == 0
+    assert counts["quiet_stretches"] == counts["flows"] == counts["same_view_pairs"] == 0
     assert np.array_equal(forced.frame_to_first, pivoted.frame_to_first)
 
 
@@ -351,6 +351,7 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     slid = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     counts = slid["signs"]["slide"]
     assert counts["decided"] >= 1 and counts["flipped"] == 0  # measured: 3 stretches, 3 decided
+    assert 0 < counts["flows"] <= len(plain["key_signs"])  # only steps near a stretch are tracked
     assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
 
     keys, dp = np.array(plain["key_frames"]), T.resolve_signs
