@@ -25,6 +25,13 @@ def benchmark_script(name):
         sys.path.remove(str(BENCHMARKS))
 
 
+def run_for_json(script, tmp_path, *args):
+    """``script.main([*args, "--json", FILE, "--quiet"])`` must succeed; returns the JSON it wrote."""
+    out = tmp_path / f"{script.__name__}.json"
+    assert script.main([*args, "--json", str(out), "--quiet"]) == 0
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def scripts():
     # speed.py imports the bench_* scripts inside its stages, also in fresh processes: the path stays
@@ -161,10 +168,8 @@ def tiny_sweep(folder):
 def test_trajectory_options_compares_variants(tmp_path, capsys):
     trajectory_options = benchmark_script("trajectory_options")
     data, model = tiny_sweep(tmp_path)
-    out = tmp_path / "options.json"
-    args = [str(data), "--model", str(model), "--variant", "short:window=20,overlap=5", "--json", str(out), "--quiet"]
-    assert trajectory_options.main(args) == 0
-    report = json.loads(out.read_text())
+    args = [str(data), "--model", str(model)]
+    report = run_for_json(trajectory_options, tmp_path, *args, "--variant", "short:window=20,overlap=5")
     assert [row["variant"] for row in report["rows"]] == ["default", "short"]
     (scan,) = report["scans"][str(data)].values()
     for numbers in scan.values():
@@ -172,13 +177,13 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
         assert numbers["scale"] is None or math.isfinite(numbers["scale"])
         assert len(numbers["final_rotation_error_deg"]) == 3
     for start in ("truth", "oracle-signs"):
-        assert trajectory_options.main(args[:3] + ["--start", start, "--quiet"]) == 0
+        assert trajectory_options.main(args + ["--start", start, "--quiet"]) == 0
         assert f"started from: {start}" in capsys.readouterr().out
     capsys.readouterr()
     for bad, message in (("default:window=20", "other than 'default'"), ("x:window", "expected KEY=VALUE"),
                          ("x:window=twenty", "not a Python literal"), ("x:windw=20", "unknown option 'windw'")):
         with pytest.raises(SystemExit):
-            trajectory_options.main([str(data), "--model", str(model), "--variant", bad])
+            trajectory_options.main(args + ["--variant", bad])
         assert message in capsys.readouterr().err
 
 
@@ -198,11 +203,11 @@ def test_tilt_bias_scales_sigma_linearly_in_depth():
 def test_tilt_bias_runs_on_a_tiny_sweep(tmp_path, capsys):
     tilt_bias = benchmark_script("tilt_bias")
     data, model = tiny_sweep(tmp_path)
-    out = tmp_path / "tilt.json"
-    args = [str(data), "--model", str(model), "--json", str(out), "--quiet"]
-    assert tilt_bias.main(args + ["--gradient", "-10", "--gradient", "0", "--gradient", "10"]) == 0
+    args = [str(data), "--model", str(model)]
+    report = run_for_json(tilt_bias, tmp_path, *args, "--gradient", "-10", "--gradient", "0",
+                          "--gradient", "10")
     assert "tilt err deg" in capsys.readouterr().out
-    (scan,) = json.loads(out.read_text())["scans"][str(data)].values()
+    (scan,) = report["scans"][str(data)].values()
     assert scan["frames"] == 60 and scan["key_steps"] >= 2
     assert list(scan["gradients"]) == ["-10", "0", "10"]
     # a tiny scan with uncalibrated curves is too noisy for the sensitivity itself (single-frame key
@@ -231,10 +236,9 @@ def test_tilt_tail_bins_by_elevation_and_tilt():
 def test_tilt_tail_runs_on_a_tiny_sweep(tmp_path, capsys):
     tilt_tail = benchmark_script("tilt_tail")
     data, model = tiny_sweep(tmp_path)
-    out = tmp_path / "tail.json"
-    assert tilt_tail.main([str(data), "--model", str(model), "--json", str(out), "--quiet"]) == 0
+    report = run_for_json(tilt_tail, tmp_path, str(data), "--model", str(model))
     assert "no tilt" in capsys.readouterr().out
-    folder = json.loads(out.read_text())["folders"][str(data)]
+    folder = report["folders"][str(data)]
     samples = np.array(folder["samples"])
     assert samples.shape == (3, 6) and samples.sum() > 200
     # at the true geometry the (uncalibrated) curves' mean ρ lies near the measured mean overall;
@@ -282,10 +286,9 @@ def tiny_rotation(folder):
 def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     revisits = benchmark_script("revisits")
     data, _ = tiny_rotation(tmp_path)
-    out = tmp_path / "revisits.json"
-    assert revisits.main([str(data), "--min-gap", "10", "--json", str(out), "--quiet"]) == 0
+    report = run_for_json(revisits, tmp_path, str(data), "--min-gap", "10")
     assert "recall <1 mm" in capsys.readouterr().out
-    (scan,) = json.loads(out.read_text())["scans"][str(data)].values()
+    (scan,) = report["scans"][str(data)].values()
     assert 0.0 <= scan["revisit_fraction"] <= 1.0 and scan["frames"] == 60
     for numbers in scan["thresholds"].values():
         assert numbers["flagged"] >= 0
@@ -352,11 +355,10 @@ def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
 def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     crossing_lines = benchmark_script("crossing_lines")
     data, model = tiny_rotation(tmp_path)
-    out = tmp_path / "crossing.json"
-    args = [str(data), "--model", str(model), "--pairs", "10", "--every", "1", "--json", str(out), "--quiet"]
-    assert crossing_lines.main(args) == 0
+    report = run_for_json(crossing_lines, tmp_path, str(data), "--model", str(model), "--pairs", "10",
+                          "--every", "1")
     assert "share < 0" in capsys.readouterr().out
-    (scan,) = json.loads(out.read_text())["folders"][str(data)].values()
+    (scan,) = report["folders"][str(data)].values()
     assert 0 <= scan["wrong"] <= scan["junctions"] and len(scan["tested"]) >= scan["wrong"]
     gains = np.array([row["gain_true"] for row in scan["tested"]])
     gains = gains[np.isfinite(gains)]
@@ -370,10 +372,9 @@ def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
 def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     anatomy_slide = benchmark_script("anatomy_slide")
     data, model = tiny_rotation(tmp_path)
-    out = tmp_path / "slide.json"
-    assert anatomy_slide.main([str(data), "--model", str(model), "--json", str(out), "--quiet"]) == 0
+    report = run_for_json(anatomy_slide, tmp_path, str(data), "--model", str(model))
     assert "same-view pairs" in capsys.readouterr().out
-    (scan,) = json.loads(out.read_text())["folders"][str(data)].values()
+    (scan,) = report["folders"][str(data)].values()
     assert 0 < scan["moving"] <= scan["key_steps"]
     for key in ("adjacent_accuracy", "same_view_accuracy", "dp_adjacent_accuracy"):
         assert scan[key] is None or 0.0 <= scan[key] <= 1.0
