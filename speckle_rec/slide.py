@@ -209,6 +209,16 @@ def quiet_stretches(moving):
     return runs
 
 
+def voting_steps(moving, *, window):
+    """(S,) int: the moving key steps within ``window`` of a quiet stretch, the only ones whose
+    pairs :func:`vote_across_stretches` reads with the same ``window`` (the others need no field)."""
+    moving = np.asarray(moving, bool)
+    near = np.zeros(moving.size, bool)
+    for start, end in quiet_stretches(moving):
+        near[max(start - window, 0):end + window + 1] = True
+    return np.flatnonzero(near & moving)
+
+
 def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_pairs, margins=None):
     """Signs with the relation across each quiet stretch decided by the slide pairs that straddle it.
 
@@ -273,4 +283,4 @@ def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_p
 
 
 __all__ = ["moving_steps", "quiet_stretches", "same_view_pairs", "slide_fields", "slide_points",
-           "view_similarity", "vote_across_stretches"]
+           "view_similarity", "vote_across_stretches", "voting_steps"]

@@ -69,11 +69,11 @@ from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
 from .slide import (
     moving_steps,
-    quiet_stretches,
     same_view_pairs,
     slide_fields,
     view_similarity,
     vote_across_stretches,
+    voting_steps,
 )
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
@@ -665,11 +665,7 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
     """
     clock = time.perf_counter()
     moving = moving_steps(elevation)
-    # only moving steps within SLIDE_WINDOW of a quiet stretch can vote: the others need no flow
-    voting = np.zeros(moving.size, bool)
-    for start, end in quiet_stretches(moving):
-        voting[max(start - SLIDE_WINDOW, 0):end + SLIDE_WINDOW + 1] = True
-    steps = np.flatnonzero(voting & moving)
+    steps = voting_steps(moving, window=SLIDE_WINDOW)  # the others need no flow
     first = second = np.zeros(0, np.int64)
     cosine = np.zeros(0)
     if steps.size:

@@ -161,6 +161,12 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
     assert slide.vote_across_stretches(dp, moving, *far, window=40, min_pairs=1)[0].tolist() == truth.tolist()
 
 
+def test_voting_steps_are_the_moving_steps_a_window_reaches():
+    moving, _, _ = _quiet_scene(42)  # steps 40-41 quiet
+    assert slide.voting_steps(moving, window=20).tolist() == list(range(20, 40)) + list(range(42, 62))
+    assert slide.voting_steps(np.ones(10, bool), window=20).size == 0  # no quiet stretch
+
+
 def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_stretch():
     """The DP's signs are wrong after step 50, not across the quiet stretch 40-41: the flip goes there."""
     moving, truth, dp = _quiet_scene(51)
