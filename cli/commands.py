@@ -163,10 +163,10 @@ def register_reconstruct(sub, common):
                    help="decorrelation calibration from 'speckle-rec calibrate', with its first-direction prior "
                         "(default: the packaged curves and the +1 direction convention)")
     p.add_argument("--ddf", action="store_true", help="also write the four challenge DDFs (large: ~12 GB a scan)")
-    p.add_argument("--slide", action="store_true",
-                   help="decide the out-of-plane sign across quiet stretches by the anatomy slide, on scans "
-                        "that fan about a fixed skin contact (about 1 s more per 1000-frame 240x320 scan, "
-                        "3 s per 1600-frame 480x640 one)")
+    p.add_argument("--no-slide", dest="slide", action="store_false",
+                   help="skip the anatomy-slide sign stage, which decides the out-of-plane sign across quiet "
+                        "stretches of scans that fan about a fixed skin contact (it costs about 1 s per "
+                        "1000-frame 240x320 scan, 3 s per 1600-frame 480x640 one)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
     p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
     p.add_argument("--overwrite", action="store_true", help="recompute scans that are already finished")

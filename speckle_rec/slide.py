@@ -20,8 +20,8 @@ product of their signs (:func:`same_view_pairs` keeps the clear ones between ste
 see the same view). Lucas-Kanade replaced a dense Farneback flow averaged in blocks: 5-10 times
 faster, as accurate at 240×320 and more accurate at 480×640 (``benchmarks/README.md``).
 
-With ``slide=True``, :func:`speckle_rec.trajectory.estimate_trajectory` uses these pairs, on scans
-that fan about a fixed skin contact (they come back to their views), to decide the relation across
+:func:`speckle_rec.trajectory.estimate_trajectory` uses these pairs (unless ``slide=False``), on
+scans that fan about a fixed skin contact (they come back to their views), to decide the relation across
 each quiet stretch (:func:`quiet_stretches`), which decorrelation cannot carry a sign across;
 ``benchmarks/anatomy_slide.py`` measures the cue and ``benchmarks/README.md`` what it does to the
 rotation scores.

@@ -17,11 +17,11 @@ Stages (timed in ``diagnostics["seconds"]``)
    the longest stride whose median ρ stays ≥ ``key_rho``; its |plane| is fitted in ρ space
    (:func:`fit_planes`), with the skin-contact pivot prior when the data show a fixed contact;
    exact Viterbi over velocity smoothness plus two- and three-step triplet tests picks the signs.
-   With ``slide=True``, on a scan that fans about a fixed skin contact (the pivot prior is on),
-   the relation across each quiet stretch (key steps that hardly move out of plane) is then put to
-   a vote of same-view key steps on its two sides by the anatomy slide (:mod:`speckle_rec.slide`;
-   one sparse flow per key step near a stretch). Sweeps do not come back to a view; on one the
-   stage flipped a stretch wrongly (``benchmarks/README.md``).
+   Then, on a scan that fans about a fixed skin contact (the pivot prior is on; ``slide=False``
+   skips this), the relation across each quiet stretch (key steps that hardly move out of plane)
+   is put to a vote of same-view key steps on its two sides by the anatomy slide
+   (:mod:`speckle_rec.slide`; one sparse flow per key step near a stretch). Sweeps do not come
+   back to a view; on one the stage flipped a stretch wrongly (``benchmarks/README.md``).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -86,7 +86,7 @@ DEFAULT_OPTIONS = {
     "flow_grid_px": None,  # LK grid spacing on the (downsampled) frames (None: 16, finer on small fans)
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
-    "slide": False,  # anatomy-slide votes across the quiet stretches of fanning scans (flows near them)
+    "slide": True,  # anatomy-slide votes across the quiet stretches of fanning scans (flows near them)
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -655,7 +655,7 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, *, pivot=F
 
 
 def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
-    """Stage 2b (``slide=True``): the sign across each quiet stretch from the anatomy slide.
+    """Stage 2b (``slide``, on by default): the sign across each quiet stretch from the anatomy slide.
 
     The DP cannot carry a sign across a run of key steps that hardly move out of plane (the
     rotation protocol's in-plane rock): the same-view slide pairs straddling it vote instead

@@ -89,16 +89,16 @@ def test_reconstruct_uses_the_calibration_files_prior(sweep_dir, tmp_path, capsy
     assert "reconstructed 0 scan(s), skipped 1 finished" in capsys.readouterr().err
 
 
-def test_reconstruct_slide_switch_reaches_the_sign_stage(sweep_dir, tmp_path):
+def test_reconstruct_slide_stage_is_on_unless_switched_off(sweep_dir, tmp_path):
     n, h, w = open_dataset(sweep_dir).scans[0].shape()
     notes = {}
-    for name, extra in (("plain", []), ("slide", ["--slide"])):
+    for name, extra in (("default", []), ("no_slide", ["--no-slide"])):
         assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / name), "--quiet", *extra]) == 0
         with open_prediction(prediction_path(tmp_path / name, "050", "LH_Per_L_DtP"), n_frames=n,
                              n_pixels=h * w, n_landmarks=0) as prediction:
             notes[name] = prediction.diagnostics["signs"]["slide"]
-    assert notes["plain"] is None
-    assert notes["slide"] == {"skipped": "no fixed skin contact"}  # the stage is for fanning scans
+    assert notes["default"] == {"skipped": "no fixed skin contact"}  # reached, but it is for fanning scans
+    assert notes["no_slide"] is None
 
 
 def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):
@@ -165,8 +165,9 @@ def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
     monkeypatch.setattr(reconstruct, "reconstruct_scan", failing)
     scan = open_dataset(sweep_dir).scans[0]
     frames, landmarks = scan.read_frames()[:20], scan.read_landmarks()
-    with pytest.raises(DataError, match="estimation failed"):
-        speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"),
-                                 slide=True)
-    assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
-    assert asked["slide"] is True  # the keyword reaches the estimation
+    for slide in (True, False):
+        with pytest.raises(DataError, match="estimation failed"):
+            speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"),
+                                     **({} if slide else {"slide": False}))
+        assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
+        assert asked["slide"] is slide  # on by default; the keyword reaches the estimation

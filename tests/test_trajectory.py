@@ -328,13 +328,13 @@ def test_slide_option_leaves_sweeps_alone(rendered):
     steady sweep still has no quiet stretch: no flow is computed and nothing changes."""
     model, _, frames = rendered
     kwargs = dict(spacing_mm=MEDIUM.spacing_mm, model=model, threads=2, window=60, overlap=10)
-    plain = T.estimate_trajectory(frames[:80], **kwargs)
-    slid = T.estimate_trajectory(frames[:80], slide=True, **kwargs)
+    plain = T.estimate_trajectory(frames[:80], slide=False, **kwargs)
+    slid = T.estimate_trajectory(frames[:80], **kwargs)  # on by default
     assert plain.diagnostics["signs"]["slide"] is None and plain.diagnostics["pivot"] is False
     assert slid.diagnostics["signs"]["slide"] == {"skipped": "no fixed skin contact"}
     assert np.array_equal(slid.frame_to_first, plain.frame_to_first)
-    pivoted = T.estimate_trajectory(frames[:80], pivot=True, **kwargs)
-    forced = T.estimate_trajectory(frames[:80], pivot=True, slide=True, **kwargs)
+    pivoted = T.estimate_trajectory(frames[:80], pivot=True, slide=False, **kwargs)
+    forced = T.estimate_trajectory(frames[:80], pivot=True, **kwargs)
     counts = forced.diagnostics["signs"]["slide"]
     assert counts["quiet_stretches"] == counts["flows"] == counts["same_view_pairs"] == 0
     assert np.array_equal(forced.frame_to_first, pivoted.frame_to_first)
@@ -344,7 +344,7 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
     first quiet stretch flipped, the slide votes flip them back."""
     frames = simulate_scan(1000, protocol="rotation", probe=MEDIUM, seed=2).frames[0:300]
-    opts = T._check_options({})
+    opts = T._check_options({"slide": False})
     meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, DecorrelationModel.default(),
                       opts, 2, False)
     plain = T._estimate(meas, opts, False, {}, threads=2).diagnostics
