@@ -43,6 +43,7 @@ Options (``DEFAULT_OPTIONS``) are keyword arguments of :func:`estimate_trajector
 
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -245,11 +246,19 @@ class _Measurements:
         affines = np.ascontiguousarray((to_px @ moving_from_fixed @ to_mm)[:, :2])
         patch_ncc_kernel(self.stack, np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1]),
                          affines, self.mask, grid.rows, grid.cols, grid.height_px, grid.width_px, rho, mean)
+        reference = _row_nanmedian(np.where(np.isfinite(rho), mean, np.nan), keepdims=True)
         with np.errstate(invalid="ignore"):
-            reference = np.nanmedian(np.where(np.isfinite(rho), mean, np.nan), axis=1, keepdims=True)
             dark = ~(mean >= self.dark_fraction * reference)
         rho[dark] = np.nan
         return rho
+
+
+def _row_nanmedian(values, *, keepdims=False):
+    """Median of each row's finite values; NaN, without NumPy's warning, for a row with none (a
+    pair whose patches all fell outside the fan, as on tiny scans)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=1, keepdims=keepdims)
 
 
 def _downsample(image, factor):
@@ -535,9 +544,9 @@ def _key_rho(meas, rows):
     """Median rotation-corrected ρ of the bright patches of pairs ``rows`` (NaN if none)."""
     rho = meas.rho[rows].astype(np.float64)
     theta = meas.inplane_between(meas.pairs[rows, 0], meas.pairs[rows, 1])[:, 2]
-    corrected = rho / meas.model.scale(meas.grid.y_mm, theta[:, None])
     with np.errstate(all="ignore"):
-        return np.nanmedian(np.where(np.isfinite(corrected), corrected, np.nan), axis=1)
+        corrected = rho / meas.model.scale(meas.grid.y_mm, theta[:, None])
+    return _row_nanmedian(np.where(np.isfinite(corrected), corrected, np.nan))
 
 
 def _key_frames(meas, key_rho):

@@ -1,6 +1,7 @@
 """Trajectory stage: geometry, bundle adjustment on synthetic measurements, rendered scans, bad input."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -376,6 +377,16 @@ def test_few_frames(rendered):
         result = T.estimate_trajectory(frames[:n], spacing_mm=MEDIUM.spacing_mm, model=model, threads=1)
         assert result.frame_to_first.shape == (n - 1, 4, 4)
         assert np.all(np.isfinite(result.frame_to_first))
+
+
+def test_row_median_of_a_pair_without_bright_patches_is_nan_without_a_warning():
+    values = np.array([[np.nan, np.nan, np.nan], [1.0, np.nan, 3.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tiny scans have such pairs; NumPy's warning would reach the user
+        medians = T._row_nanmedian(values)
+        kept = T._row_nanmedian(values, keepdims=True)
+    assert np.isnan(medians[0]) and medians[1] == 2.0
+    assert kept.shape == (2, 1) and np.isnan(kept[0, 0]) and kept[1, 0] == 2.0
 
 
 # --------------------------------------------------------------------------- bad input
