@@ -85,8 +85,9 @@ two sides of a quiet stretch can vote on its relation: with the true signs insid
 the true relation at 74 of 89 quiet stretches of 18 simulated rotation scans (all 15 misses with 6
 pairs or fewer), the DP at 75 (``benchmarks/anatomy_slide.py``). As a stage after the DP, with the
 true mirror, it raised the mean rotation score of those scans from 0.40 to 0.46, most of it on one
-scan (``benchmarks/README.md``; its settings were chosen on the same scans), and on six fresh
-scans from 0.09 to 0.34 (two gain 0.69 and 0.82). It runs only on scans that fan about a fixed
+scan (``benchmarks/README.md``; its settings were chosen on the same scans); on fresh scans
+from 0.09 to 0.34 (six; two gain 0.69 and 0.82) and from 0.41 to 0.55 (24; seven gain 0.02-0.73,
+none loses). It runs only on scans that fan about a fixed
 skin contact: sweeps do not come back to a view, and before that gate it flipped one of 15
 simulated sweeps wrongly. It costs a sparse flow per key step near a quiet stretch (about 1 s per
 1000-frame 240×320 scan, 3 s per 1600-frame 480×640 one).
