@@ -166,7 +166,7 @@ def register_reconstruct(sub, common):
     p.add_argument("--no-slide", dest="slide", action="store_false",
                    help="skip the anatomy-slide sign stage, which decides the out-of-plane sign across quiet "
                         "stretches of scans that fan about a fixed skin contact (it costs about 1 s per "
-                        "1000-frame 240x320 scan, 3 s per 1600-frame 480x640 one)")
+                        "1000-frame 240x320 scan, 3-4 s per 1600-frame 480x640 one)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
     p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
     p.add_argument("--overwrite", action="store_true", help="recompute scans that are already finished")

@@ -76,21 +76,20 @@ apart in time could test a junction. On the true poses a mirror lowers the line 
 nearly every junction; on the estimated poses the lines already miss each other and the test is
 a coin flip (``benchmarks/crossing_lines.py``).
 
-Then, anatomy slide (on by default; ``slide=False`` or ``speckle-rec reconstruct --no-slide``
-turns it off). A structure that crosses the image plane obliquely
-slides in the image when the plane moves out of plane, by the signed elevation times a factor that
-belongs to the anatomy and the view (:mod:`speckle_rec.slide`). Two key steps from about the same
-view then slide alike when they move the same way, however far apart in time, so the steps on the
-two sides of a quiet stretch can vote on its relation: with the true signs inside, their votes give
-the true relation at 74 of 89 quiet stretches of 18 simulated rotation scans (all 15 misses with 6
-pairs or fewer), the DP at 75 (``benchmarks/anatomy_slide.py``). As a stage after the DP, with the
-true mirror, it raised the mean rotation score of those scans from 0.40 to 0.46, most of it on one
-scan (``benchmarks/README.md``; its settings were chosen on the same scans); on fresh scans
-from 0.09 to 0.34 (six; two gain 0.69 and 0.82) and from 0.41 to 0.55 (24; seven gain 0.02-0.73,
-none loses). It runs only on scans that fan about a fixed
-skin contact: sweeps do not come back to a view, and before that gate it flipped one of 15
-simulated sweeps wrongly. It costs a sparse flow per key step near a quiet stretch (about 1 s per
-1000-frame 240×320 scan, 3 s per 1600-frame 480×640 one).
+Then, anatomy slide (on by default; ``slide=False`` or ``speckle-rec reconstruct --no-slide`` turns
+it off). A structure that crosses the image plane obliquely slides in the image when the plane
+moves out of plane, by the signed elevation times a factor that belongs to the anatomy and the view
+(:mod:`speckle_rec.slide`). Two key steps from about the same view then slide alike when they move
+the same way, however far apart in time, so the steps on the two sides of a quiet stretch can vote
+on its relation: with the true signs inside, their votes give the true relation at 74 of 89 quiet
+stretches of 18 simulated rotation scans (all 15 misses with 6 pairs or fewer), the DP at 75
+(``benchmarks/anatomy_slide.py``). As a stage after the DP, with the true mirror, it raised the
+mean rotation score of those scans from 0.40 to 0.46, most of it on one scan
+(``benchmarks/README.md``; its settings were chosen on the same scans); on fresh scans from 0.09 to
+0.34 (six; two gain 0.69 and 0.82) and from 0.41 to 0.55 (24; seven gain 0.02-0.73, none loses). It
+runs only on scans that fan about a fixed skin contact: sweeps do not come back to a view, and
+before that gate it flipped one of 15 simulated sweeps wrongly. It costs a sparse flow per key step
+near a quiet stretch (about 1 s per 1000-frame 240×320 scan, 3-4 s per 1600-frame 480×640 one).
 
 The global mirror
 -----------------

@@ -79,7 +79,7 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
         the challenge does not pass the scan's name, so the +1 convention stays.
     slide : bool
         The anatomy-slide sign stage (:func:`reconstruct_scan`; keyword only, default True). It
-        acts on scans that fan about a fixed skin contact and adds about 3 s at 1600 × 480 × 640.
+        acts on scans that fan about a fixed skin contact and adds 3-4 s at 1600 × 480 × 640.
 
     Returns
     -------

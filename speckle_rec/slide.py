@@ -21,10 +21,10 @@ see the same view). Lucas-Kanade replaced a dense Farneback flow averaged in blo
 faster, as accurate at 240×320 and more accurate at 480×640 (``benchmarks/README.md``).
 
 :func:`speckle_rec.trajectory.estimate_trajectory` uses these pairs (unless ``slide=False``), on
-scans that fan about a fixed skin contact (they come back to their views), to decide the relation across
-each quiet stretch (:func:`quiet_stretches`), which decorrelation cannot carry a sign across;
-``benchmarks/anatomy_slide.py`` measures the cue and ``benchmarks/README.md`` what it does to the
-rotation scores.
+scans that fan about a fixed skin contact (they come back to their views), to decide the relation
+across each quiet stretch (:func:`quiet_stretches`), which decorrelation cannot carry a sign
+across; ``benchmarks/anatomy_slide.py`` measures the cue and ``benchmarks/README.md`` what it does
+to the rotation scores.
 """
 
 from concurrent.futures import ThreadPoolExecutor

@@ -21,7 +21,8 @@ Stages (timed in ``diagnostics["seconds"]``)
    skips this), the relation across each quiet stretch (key steps that hardly move out of plane)
    is put to a vote of same-view key steps on its two sides by the anatomy slide
    (:mod:`speckle_rec.slide`; one sparse flow per key step near a stretch). Sweeps do not come
-   back to a view; on one the stage flipped a stretch wrongly (``benchmarks/README.md``).
+   back to a view; before this gate the stage flipped a stretch of one wrongly
+   (``benchmarks/README.md``).
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
