@@ -165,9 +165,9 @@ def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
     monkeypatch.setattr(reconstruct, "reconstruct_scan", failing)
     scan = open_dataset(sweep_dir).scans[0]
     frames, landmarks = scan.read_frames()[:20], scan.read_landmarks()
+    early, calib = landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv")
     for slide in (True, False):
         with pytest.raises(DataError, match="estimation failed"):
-            speckle_rec.predict_ddfs(frames, landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv"),
-                                     **({} if slide else {"slide": False}))
+            speckle_rec.predict_ddfs(frames, early, calib, **({} if slide else {"slide": False}))
         assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
         assert asked["slide"] is slide  # on by default; the keyword reaches the estimation
