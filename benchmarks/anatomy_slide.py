@@ -46,8 +46,6 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 from speckle_rec.slide import (
     MIN_COSINE,
-    MIN_GAP,
-    SAME_VIEW,
     moving_steps,
     quiet_stretches,
     same_view_pairs,
@@ -87,11 +85,12 @@ def run_scan(scan, calibration, model, threads):
     first, second, _ = same_view_pairs(fields, similarity, moving)
     same_view = np.zeros(cosine.shape, bool)
     same_view[first, second] = True
-    unthresholded = np.triu(similarity > SAME_VIEW, MIN_GAP) & moving[:, None] & moving[None, :]
+    all_first, all_second, all_cosine = same_view_pairs(fields, similarity, moving, min_cosine=0.0)
+    right = np.sign(all_cosine) == relation[all_first, all_second]
     by_cosine = []
     for low, high in zip(COSINE_BINS[:-1], COSINE_BINS[1:]):
-        use = unthresholded & (np.abs(cosine) >= low) & (np.abs(cosine) < high if high < 1 else True)
-        by_cosine.append([int(use.sum()), int(np.sum(use & (np.sign(cosine) == relation)))])
+        use = (np.abs(all_cosine) >= low) & (np.abs(all_cosine) < high if high < 1 else True)
+        by_cosine.append([int(use.sum()), int(np.sum(use & right))])
     adjacent = np.zeros(cosine.shape, bool)
     steps = np.arange(keys.size - 2)
     adjacent[steps, steps + 1] = moving[:-1] & moving[1:] & (np.abs(cosine[steps, steps + 1]) > MIN_COSINE)

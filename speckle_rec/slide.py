@@ -148,7 +148,7 @@ def view_similarity(stack, frames, spacing):
     return thumbs @ thumbs.T
 
 
-def same_view_pairs(fields, similarity, moving):
+def same_view_pairs(fields, similarity, moving, *, min_cosine=MIN_COSINE):
     """Key-step pairs far apart that see about the same view and slide clearly.
 
     Parameters
@@ -159,6 +159,8 @@ def same_view_pairs(fields, similarity, moving):
         :func:`view_similarity` of the steps' middle frames.
     moving : (M,) bool ndarray
         Steps that move out of plane enough to slide.
+    min_cosine : float
+        Pairs whose |cosine| is not above this carry too little sign (0 keeps every nonzero one).
 
     Returns
     -------
@@ -170,7 +172,7 @@ def same_view_pairs(fields, similarity, moving):
     cosine = fields @ fields.T
     steps = np.arange(fields.shape[0])
     far = steps[None, :] - steps[:, None] >= MIN_GAP
-    use = far & (similarity > SAME_VIEW) & (np.abs(cosine) > MIN_COSINE) & moving[:, None] & moving[None, :]
+    use = far & (similarity > SAME_VIEW) & (np.abs(cosine) > min_cosine) & moving[:, None] & moving[None, :]
     first, second = np.nonzero(use)
     return first, second, cosine[first, second]
 

@@ -119,6 +119,13 @@ def test_same_view_pairs_keep_far_apart_alike_views_with_clear_cosines():
     moving[m - 1] = False
     first, _, _ = slide.same_view_pairs(fields, similarity, moving)
     assert first.tolist() == [1]
+    # a weak cosine is dropped unless the threshold is lowered (the benchmark's table of every |cosine|)
+    across = rng.normal(size=6)
+    across -= (across @ fields[1]) * fields[1]
+    fields[m - 2] = 0.1 * fields[1] + np.sqrt(1 - 0.1**2) * across / np.linalg.norm(across)  # cosine 0.1
+    assert slide.same_view_pairs(fields, similarity, moving)[0].size == 0
+    weak = slide.same_view_pairs(fields, similarity, moving, min_cosine=0.0)
+    assert weak[0].tolist() == [1] and 0.0 < weak[2][0] < slide.MIN_COSINE
 
 
 def test_quiet_stretches_need_moving_steps_on_both_sides():
