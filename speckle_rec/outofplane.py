@@ -27,7 +27,7 @@ from ._patch_kernels import patch_ncc_kernel
 from .decorrelation import DecorrelationModel
 from .errors import DataError
 from .inplane import InplaneMotion, track_grid, check_frames, check_image, check_mask, check_spacing, track_points
-from .threads import set_threads
+from .threads import opencv_threads, set_threads
 
 _PIVOT_START_DEG = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # tilts of the start planes through a pivot
 # retry_window_px (e.g. 21) re-tracks pairs whose flow keeps < retry_below of the points with larger windows:
@@ -389,12 +389,8 @@ class _Workspace:
 
         if threads > 1 and len(pairs) > 1:
             # one OpenCV thread per worker: LK on a few hundred points parallelises poorly inside
-            cv2.setNumThreads(1)
-            try:
-                with ThreadPoolExecutor(threads) as pool:
-                    motions = list(pool.map(track, pairs))
-            finally:
-                cv2.setNumThreads(threads)
+            with opencv_threads(1), ThreadPoolExecutor(threads) as pool:
+                motions = list(pool.map(track, pairs))
         else:
             motions = [track(pair) for pair in pairs]
         ok = np.array([m.ok for m in motions], bool)

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from .threads import opencv_threads
+
 BLUR_MM = 0.2  # Gaussian blur before the flow (σ)
 WINDOW_MM = 5.6  # Lucas-Kanade window side: a structure's slide, not one speckle's
 BLOCK_MM = 1.8  # spacing of the tracked points
@@ -44,6 +46,7 @@ MIN_GAP = 21  # key steps; nearer pairs are the sign DP's
 SAME_VIEW = 0.99  # thumbnail correlation above which two frames show about the same view
 MIN_STEP_MM = 0.1  # key steps whose RMS anchor elevation is below this hardly slide
 _LK_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.01)
+_CHUNK_STEPS = 64
 
 
 def slide_points(mask, spacing):
@@ -107,14 +110,14 @@ def slide_fields(stack, mask, spacing, keys, planes, *, model, steps=None, threa
     def blurred(k):
         return np.clip(cv2.GaussianBlur(stack[k].astype(np.float32), (0, 0), blur), 0, 255).astype(np.uint8)
 
-    def field(m):
+    def field(m, before, after):
         out = np.zeros((points.shape[0], 2))
         elevation = planes[m, 0] + planes[m, 1] * x_mm + planes[m, 2] * y_mm
         near = np.flatnonzero(model.rho(np.abs(elevation), y_mm) >= MIN_RHO)
         if near.size < 3:
             return out.ravel()
         start = points[near, None, :]
-        end, status, _ = cv2.calcOpticalFlowPyrLK(blurred(keys[m]), blurred(keys[m + 1]), start, None,
+        end, status, _ = cv2.calcOpticalFlowPyrLK(before, after, start, None,
                                                   winSize=(window, window), maxLevel=2, criteria=_LK_CRITERIA)
         tracked = near[status[:, 0] == 1]
         if tracked.size < 3:
@@ -132,9 +135,16 @@ def slide_fields(stack, mask, spacing, keys, planes, *, model, steps=None, threa
 
     steps = np.arange(keys.size - 1) if steps is None else np.asarray(steps, dtype=np.int64)
     fields = np.zeros((keys.size - 1, 2 * points.shape[0]))
-    with ThreadPoolExecutor(max(1, int(threads))) as pool:  # OpenCV's LK releases the GIL
-        for m, row in zip(steps, pool.map(field, steps)):
-            fields[m] = row
+    threads = max(1, int(threads))
+    # one OpenCV thread per worker when several track at once (OpenCV's LK releases the GIL);
+    # chunks of steps bound the blurred key frames kept; in a chunk each is blurred once for the two
+    # steps it ends and starts
+    with opencv_threads(1 if threads > 1 else cv2.getNumThreads()), ThreadPoolExecutor(threads) as pool:
+        for chunk in np.array_split(steps, max(1, -(-steps.size // _CHUNK_STEPS))):
+            ends = np.unique(np.concatenate([chunk, chunk + 1]))
+            frame = dict(zip(ends, pool.map(blurred, keys[ends])))
+            for m, row in zip(chunk, pool.map(lambda m: field(m, frame[m], frame[m + 1]), chunk)):
+                fields[m] = row
     return fields
 
 

@@ -1,6 +1,7 @@
 """One place to set how many threads Numba and OpenCV use, so parallel work never oversubscribes."""
 
 import os
+from contextlib import contextmanager
 
 
 def available_cores():
@@ -23,3 +24,20 @@ def set_threads(threads=None):
     numba.set_num_threads(threads)
     cv2.setNumThreads(threads)
     return threads
+
+
+@contextmanager
+def opencv_threads(threads):
+    """Run OpenCV on ``threads`` threads inside the ``with`` block, then restore the previous count.
+
+    The count is process-wide. A pool of Python workers that each call Lucas-Kanade on a few
+    hundred points wants 1: OpenCV splitting every call as well puts workers × threads on the cores.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(int(threads))
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)

@@ -83,6 +83,25 @@ def test_slide_fields_of_chosen_steps_only():
     assert not np.any(second[0]) and np.array_equal(second[1], every[1])
 
 
+def test_slide_fields_in_chunks_and_threads_match_one_by_one(monkeypatch):
+    """Steps split over chunks (key frames shared at their borders) and two workers give the rows
+    of each step computed alone, and OpenCV's thread count is restored."""
+    base = _anatomy((96, 128))
+    h, w = base.shape
+    stack = np.stack([_slid(base, (0.3 * k, 0), 1.5 * (-1) ** k, (w / 2, h / 2), 12) for k in range(6)])
+    keys, planes = np.array([0, 1, 3, 4, 5]), np.tile([0.3, 0.0, 0.0], (4, 1))
+    args = (stack, np.ones((h, w), bool), (0.2, 0.2), keys, planes)
+    alone = np.array([slide.slide_fields(*args, model=_GaussianModel(), steps=np.array([m]))[m] for m in range(4)])
+    monkeypatch.setattr(slide, "_CHUNK_STEPS", 3)
+    threads = cv2.getNumThreads()
+    chunked = slide.slide_fields(*args, model=_GaussianModel(), threads=2)
+    assert cv2.getNumThreads() == threads
+    assert np.array_equal(chunked, alone)
+    assert np.linalg.norm(chunked, axis=1) == pytest.approx(np.ones(4))
+    empty = slide.slide_fields(*args, model=_GaussianModel(), steps=np.zeros(0, np.int64), threads=2)
+    assert empty.shape == chunked.shape and not empty.any()
+
+
 def test_slide_field_leaves_out_points_that_move_too_far_out_of_plane():
     base = _anatomy((96, 128))
     assert not np.any(_field(base, (0, 0), 1.5, (0.5, 0.0, 0.0)))
