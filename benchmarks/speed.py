@@ -26,7 +26,8 @@ stage's inputs, e.g. the frames):
   of 2). Target >= 150 pairs/s on 2 cores.
 - ``trajectory``: :func:`speckle_rec.trajectory.estimate_trajectory` on the whole scan with the
   packaged model, one row per stage it times (``TrajectoryResult.diagnostics["seconds"]``: measure =
-  flow and patch correlations, signs, initialise, adjust = bundle adjustment) and the total.
+  flow and patch correlations, signs, level (sweeps only), initialise, adjust = bundle adjustment) and
+  the total.
 - ``ddf_naive``, ``ddf``: the dense field of ``--ddf-frames`` random transforms at 480x640, naive
   NumPy (``bench_ddf.naive``: float64 matmul, cast to float32) against
   :func:`speckle_rec.ddf.pixel_ddfs` allocating its output (``bench_ddf.measure``, best of

@@ -167,6 +167,10 @@ def register_reconstruct(sub, common):
                    help="skip the anatomy-slide sign stage, which decides the out-of-plane sign across quiet "
                         "stretches of scans that fan about a fixed skin contact (it costs about 1 s per "
                         "1000-frame 240x320 scan, 3-4 s per 1600-frame 480x640 one)")
+    p.add_argument("--no-level", dest="level_sweeps", action="store_false",
+                   help="do not level sweeps: by default, on scans without a fixed skin contact, the depth "
+                        "gradient of the decorrelation curves is fitted per scan so that the sweep ends at the "
+                        "tilt about image x it started with")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="scans at once, one process each")
     p.add_argument("--scans", metavar="GLOB", help="only scans whose SUBJECT/SCAN matches this glob")
     p.add_argument("--overwrite", action="store_true", help="recompute scans that are already finished")
@@ -188,8 +192,8 @@ def run_reconstruct(args):
         print("first out-of-plane direction (the mirror speckle cannot decide): "
               + ", ".join(f"{name} {d:+d} ({basis})" for name, d, basis in chosen), file=sys.stderr)
     summary = reconstruct_dataset(dataset, args.out, model=model, direction_prior=prior, ddf=args.ddf,
-                                  slide=args.slide, jobs=args.jobs, threads=args.threads,
-                                  overwrite=args.overwrite, progress=not args.quiet)
+                                  slide=args.slide, level_sweeps=args.level_sweeps, jobs=args.jobs,
+                                  threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         write_json(args.json, {"out": str(args.out), "done": summary.done, "skipped": summary.skipped,
                                "failed": summary.failed})

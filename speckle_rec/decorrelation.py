@@ -217,6 +217,25 @@ class DecorrelationModel:
         """(B,) centres of the depth bands, mm."""
         return 0.5 * (self.depth_edges_mm[1:] + self.depth_edges_mm[:-1])
 
+    def with_sigma_gradient(self, per_mm):
+        """These curves with each band's σ multiplied by ``1 + per_mm · (y − y_mid)``.
+
+        ``y`` is the band's centre and ``y_mid`` the middle of the depth range, so distances at mid
+        depth keep their scale. On a sweep, a distance bias that grows linearly with depth reads as
+        a steady tilt about image x (``benchmarks/tilt_bias.py``): this trades one for the other.
+
+        Raises
+        ------
+        DataError
+            If a factor is not positive.
+        """
+        middle = 0.5 * (self.depth_edges_mm[0] + self.depth_edges_mm[-1])
+        factor = 1.0 + float(per_mm) * (self.band_centers_mm - middle)
+        if not np.all(factor > 0):
+            raise DataError(f"a σ gradient of {per_mm:g} per mm makes σ non-positive over "
+                            f"{self.depth_edges_mm[0]:g}-{self.depth_edges_mm[-1]:g} mm")
+        return replace(self, sigma_mm=self.sigma_mm * factor)
+
     def parameters(self, depth_mm):
         """Model parameters at ``depth_mm`` (any shape), interpolated between band centres.
 

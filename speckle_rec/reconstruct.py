@@ -25,7 +25,8 @@ from .io import check_landmarks, checked_frames
 from .prediction import write_prediction
 
 
-def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide=True, threads=None):
+def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide=True, level_sweeps=True,
+                     threads=None):
     """Estimate the trajectory of one scan from its frames alone.
 
     Parameters
@@ -42,6 +43,10 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide
         Decide the sign across quiet stretches by the anatomy slide (:mod:`speckle_rec.slide`), on
         scans that fan about a fixed skin contact (default True; ``benchmarks/README.md`` gives what
         it does to the scores and the time).
+    level_sweeps : bool
+        On scans without a fixed skin contact (sweeps), fit the depth gradient of the curves' σ so
+        that the sweep ends at the tilt about image x it started with (default True; see
+        :func:`speckle_rec.trajectory.estimate_trajectory`, option ``level_sweeps``).
     threads : int, optional
         Numba / OpenCV threads.
 
@@ -56,10 +61,11 @@ def reconstruct_scan(frames, *, spacing_mm, model=None, first_direction=1, slide
     frames = checked_frames(np.asarray(frames), "frames")
     model = DecorrelationModel.default() if model is None else model
     return estimate_trajectory(frames, spacing_mm=spacing_mm, model=model, threads=threads,
-                               first_direction=first_direction, slide=slide)
+                               first_direction=first_direction, slide=slide, level_sweeps=level_sweeps)
 
 
-def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=None, slide=True):
+def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=None, slide=True,
+                 level_sweeps=True):
     """The challenge's submission function: (GP, GL, LP, LL) for one scan, on the CPU.
 
     Parameters
@@ -80,6 +86,8 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
     slide : bool
         The anatomy-slide sign stage (:func:`reconstruct_scan`; keyword only, default True). It
         acts on scans that fan about a fixed skin contact and adds 3-4 s at 1600 × 480 × 640.
+    level_sweeps : bool
+        Level sweeps (:func:`reconstruct_scan`; keyword only, default True).
 
     Returns
     -------
@@ -98,7 +106,8 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, *, calibration=
     # GP and LP are 2 x 5.9 GB at 1600 x 480 x 640: their page faults overlap the estimation
     outputs = PrefaultedOutputs([(n - 1, 3, height * width)] * 2)
     try:
-        result = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model, slide=slide)
+        result = reconstruct_scan(frames, spacing_mm=calib.spacing_mm, model=model, slide=slide,
+                                  level_sweeps=level_sweeps)
     except BaseException:
         outputs.cancel()
         raise
@@ -115,6 +124,7 @@ class ReconstructTask:
     ddf: bool
     direction_prior: DirectionPrior | None = None
     slide: bool = True
+    level_sweeps: bool = True
     threads: int | None = None
 
     def __call__(self, scan, out_path):
@@ -122,7 +132,8 @@ class ReconstructTask:
         frames = scan.read_frames()
         direction, basis = (self.direction_prior or DirectionPrior()).choose(scan.name)
         result = reconstruct_scan(frames, spacing_mm=self.calibration.spacing_mm, model=self.model,
-                                  first_direction=direction, slide=self.slide, threads=self.threads)
+                                  first_direction=direction, slide=self.slide, level_sweeps=self.level_sweeps,
+                                  threads=self.threads)
         wall = time.perf_counter() - start
         diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("key_frames", "key_signs")}
         diagnostics["signs"]["first_direction_basis"] = basis
@@ -137,8 +148,8 @@ class ReconstructTask:
         return wall
 
 
-def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, ddf=False, slide=True, jobs=1,
-                        threads=None, overwrite=False, progress=True):
+def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, ddf=False, slide=True,
+                        level_sweeps=True, jobs=1, threads=None, overwrite=False, progress=True):
     """Reconstruct every scan of ``dataset`` into the prediction folder ``out_dir``.
 
     Parameters
@@ -156,6 +167,8 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, d
         Also write GP, GL, LP, LL (in chunks; needs the folder's landmarks).
     slide : bool
         The anatomy-slide sign stage (:func:`reconstruct_scan`; default True).
+    level_sweeps : bool
+        Level sweeps (:func:`reconstruct_scan`; default True).
     jobs : int
         Scans reconstructed at once, each in its own process.
     threads : int, optional
@@ -174,6 +187,6 @@ def reconstruct_dataset(dataset, out_dir, *, model=None, direction_prior=None, d
         missing = [s.key for s in dataset.scans if s.landmarks_path is None]
         if missing:
             raise DataError(f"--ddf needs landmarks; none for {missing[0]}", dataset.root)
-    task = ReconstructTask(calibration, model, ddf, direction_prior, slide)
+    task = ReconstructTask(calibration, model, ddf, direction_prior, slide, level_sweeps)
     return run_scans(dataset, out_dir, task, finished_keys=ALL_KEYS if ddf else TRANSFORM_KEYS, jobs=jobs,
                      threads=threads, overwrite=overwrite, progress=progress, desc="reconstruct")

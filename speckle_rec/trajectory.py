@@ -22,7 +22,10 @@ Stages (timed in ``diagnostics["seconds"]``)
    is put to a vote of same-view key steps on its two sides by the anatomy slide
    (:mod:`speckle_rec.slide`; one sparse flow per key step near a stretch). Sweeps do not come
    back to a view; before this gate the stage flipped a stretch of one wrongly
-   (``benchmarks/README.md``).
+   (``benchmarks/README.md``). On a scan without a fixed contact (a sweep; ``level_sweeps=False``
+   skips this), the depth gradient of the curves' σ is fitted instead so that the sweep ends at the
+   tilt about image x it started with (:func:`_level_sweep`): a translation's frames cannot tell
+   that tilt from a depth bias of the curves, so without this prior the calibration decides it.
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -42,6 +45,7 @@ Stages (timed in ``diagnostics["seconds"]``)
 Options (``DEFAULT_OPTIONS``) are keyword arguments of :func:`estimate_trajectory`.
 """
 
+import copy
 import math
 import time
 import warnings
@@ -89,6 +93,7 @@ DEFAULT_OPTIONS = {
     "key_rho": 0.6,  # key steps: longest stride whose deep patches keep this correlation
     "triplet_weight": 0.3,  # scale of triplet costs against velocity smoothness in the sign DP
     "slide": True,  # anatomy-slide votes across the quiet stretches of fanning scans (flows near them)
+    "level_sweeps": True,  # sweeps: σ's depth gradient fitted per scan so the net tilt about image x is 0
     "pivot": "auto",  # fixed-contact prior: True, False or 'auto' (decided from the data)
     "pivot_sigma_mm": 0.05,  # allowed out-of-plane motion of the contact point per frame
     "acceleration_mm": 0.3,  # smoothness prior: σ of the anchors' second differences (mm/frame²)
@@ -691,6 +696,50 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
                        seconds=round(time.perf_counter() - clock, 3))
 
 
+LEVEL_MIN_TRAVEL_MM = 20.0  # net out-of-plane travel below which a scan is not levelled
+LEVEL_MAX_GRADIENT = 0.005  # per mm (10 % per 20 mm of depth): the correction stays within this
+LEVEL_ITERATIONS = 3
+LEVEL_TOLERANCE_RAD = math.radians(0.25)
+
+
+def _level_sweep(meas, rho, theta, planes, signs, opts):
+    """Stage 2c (``level_sweeps``, sweeps only): σ's depth gradient that levels the sweep.
+
+    For a translation, a distance bias that grows linearly with depth and a steady tilt about image
+    x give the same ρ at every stride, so only the curves decide how far a sweep turns about image
+    x, and a 1 % per 20 mm error in their depth profile turns a 100 mm sweep by about 2.5°. This
+    stage assumes instead that a sweep ends at the tilt it started with: with the key steps' signed
+    planes (tz, a, b), the net tilt ``T = Σ s·b`` (rad) and the net elevation at mid depth ``Z``
+    give the gradient ``−T / Z`` per mm (:meth:`DecorrelationModel.with_sigma_gradient`); the key
+    steps are fitted again with it (a few times, as the fit is not linear) and the bundle
+    adjustment uses it. The gradient is capped at ``LEVEL_MAX_GRADIENT``; scans whose net travel
+    is under ``LEVEL_MIN_TRAVEL_MM`` are left alone.
+
+    Returns (meas with the levelled model, planes, diagnostics dict).
+    """
+    base = meas.model
+    middle = 0.5 * (base.depth_edges_mm[0] + base.depth_edges_mm[-1])
+    centre = np.array([1.0, meas.grid.x_mm.mean(), middle])
+    tilt = float(np.sum(signs * planes[:, 2]))
+    travel = float(np.sum(signs * (planes @ centre)))
+    info = {"net_tilt_deg_before": round(math.degrees(tilt), 3), "net_travel_mm": round(travel, 3)}
+    if abs(travel) < LEVEL_MIN_TRAVEL_MM:
+        return meas, planes, dict(info, skipped=f"net travel under {LEVEL_MIN_TRAVEL_MM:g} mm")
+    gradient, fits = 0.0, 0
+    while fits < LEVEL_ITERATIONS and abs(tilt) > LEVEL_TOLERANCE_RAD:
+        wanted = float(np.clip(gradient - tilt / travel, -LEVEL_MAX_GRADIENT, LEVEL_MAX_GRADIENT))
+        if wanted == gradient:
+            break
+        gradient, fits = wanted, fits + 1
+        meas = copy.copy(meas)  # the caller's measurements keep their model
+        meas.model = base.with_sigma_gradient(gradient)
+        planes = fit_planes(rho, theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])[0]
+        tilt = float(np.sum(signs * planes[:, 2]))
+        travel = float(np.sum(signs * (planes @ centre)))
+    return meas, planes, dict(info, gradient_percent_per_20mm=round(2000.0 * gradient, 3), fits=fits,
+                              net_tilt_deg=round(math.degrees(tilt), 3))
+
+
 # --------------------------------------------------------------------------- initial trajectory
 
 
@@ -1068,8 +1117,9 @@ def _check_options(options):
     opts = dict(DEFAULT_OPTIONS, **options)
     if opts["first_direction"] not in (1, -1, None):
         raise DataError(f"expected first_direction +1, -1 or None, got {opts['first_direction']!r}")
-    if not isinstance(opts["slide"], (bool, np.bool_)):
-        raise DataError(f"expected slide True or False, got {opts['slide']!r}")
+    for name in ("slide", "level_sweeps"):
+        if not isinstance(opts[name], (bool, np.bool_)):
+            raise DataError(f"expected {name} True or False, got {opts[name]!r}")
     if opts["pivot"] not in (True, False, "auto"):
         raise DataError(f"expected pivot True, False or 'auto', got {opts['pivot']!r}")
     strides = tuple(int(s) for s in opts["strides"])
@@ -1192,6 +1242,13 @@ def _estimate(meas, opts, progress, seconds, *, threads=1, sign_oracle=None):
     seconds["signs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    if pivot or not opts["level_sweeps"]:
+        level_info = {"skipped": "fixed skin contact" if pivot else "level_sweeps=False"}
+    else:
+        meas, planes, level_info = _level_sweep(meas, step_rho, step_theta, planes, signs, opts)
+    seconds["level"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     poses = _initial_poses(meas, keys, planes, signs)
     seconds["initialise"] = time.perf_counter() - clock
 
@@ -1214,6 +1271,7 @@ def _estimate(meas, opts, progress, seconds, *, threads=1, sign_oracle=None):
         "pivot": bool(pivot),
         "pivot_cost_increase": round(pivot_cost, 3),
         "signs": dict(sign_info, mirrored=bool(mirrored), first_direction=opts["first_direction"]),
+        "level": level_info,
         "bundle_adjustment": ba_info,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "key_frames": keys.tolist(),

@@ -89,16 +89,18 @@ def test_reconstruct_uses_the_calibration_files_prior(sweep_dir, tmp_path, capsy
     assert "reconstructed 0 scan(s), skipped 1 finished" in capsys.readouterr().err
 
 
-def test_reconstruct_slide_stage_is_on_unless_switched_off(sweep_dir, tmp_path):
+def test_reconstruct_slide_and_level_stages_are_on_unless_switched_off(sweep_dir, tmp_path):
     n, h, w = open_dataset(sweep_dir).scans[0].shape()
     notes = {}
-    for name, extra in (("default", []), ("no_slide", ["--no-slide"])):
+    for name, extra in (("default", []), ("no_slide", ["--no-slide"]), ("no_level", ["--no-level"])):
         assert main(["reconstruct", str(sweep_dir), "-o", str(tmp_path / name), "--quiet", *extra]) == 0
         with open_prediction(prediction_path(tmp_path / name, "050", "LH_Per_L_DtP"), n_frames=n,
                              n_pixels=h * w, n_landmarks=0) as prediction:
-            notes[name] = prediction.diagnostics["signs"]["slide"]
-    assert notes["default"] == {"skipped": "no fixed skin contact"}  # reached, but it is for fanning scans
-    assert notes["no_slide"] is None
+            notes[name] = prediction.diagnostics["signs"]["slide"], prediction.diagnostics["level"]
+    assert notes["default"][0] == {"skipped": "no fixed skin contact"}  # reached, but it is for fanning scans
+    assert notes["no_slide"][0] is None
+    assert notes["default"][1]["fits"] >= 1 and abs(notes["default"][1]["net_travel_mm"]) > 20.0
+    assert notes["no_level"][1] == {"skipped": "level_sweeps=False"}
 
 
 def test_reconstruct_bad_calibration_is_one_line(sweep_dir, tmp_path, capsys):
@@ -166,8 +168,8 @@ def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
     scan = open_dataset(sweep_dir).scans[0]
     frames, landmarks = scan.read_frames()[:20], scan.read_landmarks()
     early, calib = landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv")
-    for slide in (True, False):
+    for on in (True, False):
         with pytest.raises(DataError, match="estimation failed"):
-            speckle_rec.predict_ddfs(frames, early, calib, **({} if slide else {"slide": False}))
+            speckle_rec.predict_ddfs(frames, early, calib, **({} if on else {"slide": False, "level_sweeps": False}))
         assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
-        assert asked["slide"] is slide  # on by default; the keyword reaches the estimation
+        assert asked["slide"] is on and asked["level_sweeps"] is on  # on by default; the keywords reach it
