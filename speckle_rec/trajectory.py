@@ -1200,8 +1200,9 @@ def estimate_trajectory(frames, *, spacing_mm, model, mask=None, threads=None, p
         Progress bars on stderr.
     **options
         Method settings, see ``DEFAULT_OPTIONS`` (strides, patches, flow_downsample, key_rho,
-        triplet_weight, slide, pivot, pivot_sigma_mm, acceleration_mm, inplane_sigma_scale,
-        rho_sigma_floor, f_scale, window, overlap, max_iterations, first_direction).
+        triplet_weight, slide, level_sweeps, pivot, pivot_sigma_mm, acceleration_mm,
+        inplane_sigma_scale, rho_sigma_floor, f_scale, window, overlap, max_iterations,
+        first_direction).
 
     Returns
     -------
