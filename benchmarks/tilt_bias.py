@@ -30,7 +30,6 @@ Prints one table (mean, min and max over each folder's scans per gradient); ``--
 every per-scan number.
 """
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -48,14 +47,6 @@ from trajectory_options import measure_scan, true_step_planes
 GRADIENT_SPAN_MM = 20.0  # --gradient is a percentage per this much depth
 
 
-def with_sigma_gradient(model, percent):
-    """``model`` with σ scaled by ``1 + percent/100 · (y − y_mid) / GRADIENT_SPAN_MM`` per band."""
-    edges = model.depth_edges_mm
-    middle = 0.5 * (edges[0] + edges[-1])
-    factor = 1.0 + percent / 100.0 * (model.band_centers_mm - middle) / GRADIENT_SPAN_MM
-    return dataclasses.replace(model, sigma_mm=model.sigma_mm * factor)
-
-
 def run_scan(scan, calibration, model, gradients, threads):
     truth = ScanTruth.load(scan, calibration)
     options = trajectory._check_options({})
@@ -66,7 +57,7 @@ def run_scan(scan, calibration, model, gradients, threads):
     true_z = true_planes @ centroid
     out = {"frames": int(meas.n_frames), "key_steps": int(keys.size - 1), "gradients": {}}
     for percent in gradients:
-        meas.model = with_sigma_gradient(model, percent)
+        meas.model = model.with_sigma_gradient(percent / 100.0 / GRADIENT_SPAN_MM)
         planes, _ = trajectory.fit_planes(rho, theta, meas, f_scale=options["f_scale"],
                                           rho_sigma_floor=options["rho_sigma_floor"])
         signed = planes * np.where(true_z < 0, -1.0, 1.0)[:, None]  # fitted planes have z >= 0 there

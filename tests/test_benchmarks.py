@@ -187,19 +187,6 @@ def test_trajectory_options_compares_variants(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_tilt_bias_scales_sigma_linearly_in_depth():
-    from speckle_rec.decorrelation import DecorrelationModel
-
-    tilt_bias = benchmark_script("tilt_bias")
-    model = DecorrelationModel.default()
-    steeper = tilt_bias.with_sigma_gradient(model, 5.0)
-    edges = model.depth_edges_mm
-    expected = 1.0 + 0.05 * (model.band_centers_mm - 0.5 * (edges[0] + edges[-1])) / 20.0
-    assert np.allclose(steeper.sigma_mm / model.sigma_mm, expected)
-    assert np.array_equal(steeper.floor, model.floor) and np.array_equal(steeper.depth_edges_mm, edges)
-    assert np.array_equal(tilt_bias.with_sigma_gradient(model, 0.0).sigma_mm, model.sigma_mm)
-
-
 def test_tilt_bias_runs_on_a_tiny_sweep(tmp_path, capsys):
     tilt_bias = benchmark_script("tilt_bias")
     data, model = tiny_sweep(tmp_path)
