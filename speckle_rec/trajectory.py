@@ -51,6 +51,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -733,7 +734,8 @@ def _level_sweep(meas, rho, theta, planes, signs, opts):
         gradient, fits = wanted, fits + 1
         meas = copy.copy(meas)  # the caller's measurements keep their model
         meas.model = base.with_sigma_gradient(gradient)
-        planes = fit_planes(rho, theta, meas, f_scale=opts["f_scale"], rho_sigma_floor=opts["rho_sigma_floor"])[0]
+        planes, _ = fit_planes(rho, theta, meas, f_scale=opts["f_scale"],
+                               rho_sigma_floor=opts["rho_sigma_floor"])
         tilt = float(np.sum(signs * planes[:, 2]))
         travel = float(np.sum(signs * (planes @ centre)))
     return meas, planes, dict(info, gradient_percent_per_20mm=round(2000.0 * gradient, 3), fits=fits,
@@ -769,6 +771,21 @@ def _params_from_poses(poses):
     out[:, :3] = Rotation.from_matrix(poses[:, :3, :3]).as_rotvec()
     out[:, 3:] = poses[:, :3, 3]
     return out
+
+
+class _PatchGeometry(NamedTuple):
+    """Patch geometry of a window's pairs (M pairs, P patches), for the ρ residuals and their derivatives."""
+
+    nj: np.ndarray  # (M, 3) frame j's normal in frame 0
+    rotated: np.ndarray  # (M, P, 3) R_i q
+    world: np.ndarray  # (M, P, 3) R_i q + τ_i − τ_j
+    n: np.ndarray  # (M, 3) frame j's normal in frame i
+    nz: np.ndarray  # (M,) its z component, kept away from 0
+    cos_t: np.ndarray  # (M,) cos / sin of the pair's in-plane rotation
+    sin_t: np.ndarray
+    z: np.ndarray  # (M, P) signed elevation of each patch centre from frame j's plane, mm
+    tilt: np.ndarray  # (M, P) tilt along each patch's beam, rad
+    expected: np.ndarray  # (M, P) the model's ρ
 
 
 class _Window:
@@ -829,7 +846,8 @@ class _Window:
         # at the measured value: spreads from the measurements weight the ρ that came out high more
         # (spread ∝ 1 − ρ²), which pulls every distance short (the sweeps' travel read 0.96 of the
         # truth; 0.98-0.99 this way, benchmarks/README.md).
-        expected = self._patch_geometry(Rotation.from_rotvec(params[:, :3]).as_matrix(), params[:, 3:])[-1]
+        start = Rotation.from_rotvec(params[:, :3]).as_matrix(), params[:, 3:]
+        expected = self._patch_geometry(*start).expected
         self.rho_sigma = model.rho_sigma(np.clip(expected, 0.0, 0.999), y) + opts["rho_sigma_floor"]
 
     # rows of each block: in-plane 3·K, patches valid count, smoothness 9·C, pivot K
@@ -853,8 +871,8 @@ class _Window:
         return mask
 
     def _patch_geometry(self, rot, tau):
-        """Each pair's frame-j normal, the rotated patch centres, their offsets, normal in frame i, z, tilt
-        and the model's expected ρ at |z| (z = n_j · (R_i q + τ_i − τ_j)) with the tilt factor."""
+        """:class:`_PatchGeometry` of every pair's patches at poses (rot, tau): z = n_j · (R_i q + τ_i − τ_j)
+        and the model's expected ρ at |z| with the tilt factor."""
         i, j = self.pp_i, self.pp_j
         nj = rot[j][:, :, 2]  # (M, 3) frame j's normal in frame 0
         rotated = np.matmul(rot[i], self.q.T).transpose(0, 2, 1)  # R_i q, (M, P, 3)
@@ -869,7 +887,7 @@ class _Window:
         alpha, beta = cos_t * slope_b - sin_t * slope_a, -cos_t * slope_a - sin_t * slope_b
         tilt = alpha[:, None] * self.beam_cos - beta[:, None] * self.beam_sin
         expected = self.meas.model.rho(z, self.y, self.theta, tilt)
-        return nj, rotated, world, n, nz, cos_t, sin_t, z, tilt, expected
+        return _PatchGeometry(nj, rotated, world, n, nz, cos_t, sin_t, z, tilt, expected)
 
     def _patch_block(self, rot, tau, jl, jacobian, blocks, add, offset):
         """ρ of every patch against the model (see :meth:`_patch_geometry`), and its derivatives."""

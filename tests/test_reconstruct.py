@@ -170,6 +170,7 @@ def test_predict_ddfs_failure_stops_the_output_prefault(sweep_dir, monkeypatch):
     early, calib = landmarks[landmarks[:, 0] < 20], str(sweep_dir / "calib_matrix.csv")
     for on in (True, False):
         with pytest.raises(DataError, match="estimation failed"):
-            speckle_rec.predict_ddfs(frames, early, calib, **({} if on else {"slide": False, "level_sweeps": False}))
+            off = {} if on else {"slide": False, "level_sweeps": False}
+            speckle_rec.predict_ddfs(frames, early, calib, **off)
         assert not any(t.name == "speckle_rec-prefault" and t.is_alive() for t in threading.enumerate())
         assert asked["slide"] is on and asked["level_sweeps"] is on  # on by default; the keywords reach it

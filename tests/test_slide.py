@@ -91,7 +91,8 @@ def test_slide_fields_in_chunks_and_threads_match_one_by_one(monkeypatch):
     stack = np.stack([_slid(base, (0.3 * k, 0), 1.5 * (-1) ** k, (w / 2, h / 2), 12) for k in range(6)])
     keys, planes = np.array([0, 1, 3, 4, 5]), np.tile([0.3, 0.0, 0.0], (4, 1))
     args = (stack, np.ones((h, w), bool), (0.2, 0.2), keys, planes)
-    alone = np.array([slide.slide_fields(*args, model=_GaussianModel(), steps=np.array([m]))[m] for m in range(4)])
+    alone = np.array([slide.slide_fields(*args, model=_GaussianModel(), steps=np.array([m]))[m]
+                      for m in range(4)])
     monkeypatch.setattr(slide, "_CHUNK_STEPS", 3)
     threads = cv2.getNumThreads()
     chunked = slide.slide_fields(*args, model=_GaussianModel(), threads=2)

@@ -235,7 +235,8 @@ def test_levelling_a_sweep_undoes_a_depth_gradient_of_the_curves():
 
 
 def test_levelling_leaves_short_sweeps_alone():
-    short = synthetic_measurements(probe_trajectory(1000, protocol="linear", probe=MEDIUM, seed=4)[:60], MEDIUM)
+    poses = probe_trajectory(1000, protocol="linear", probe=MEDIUM, seed=4)[:60]
+    short = synthetic_measurements(poses, MEDIUM)
     short.model = MODEL.with_sigma_gradient(0.003)
     result = T._estimate(short, dict(T.DEFAULT_OPTIONS, first_direction=None), False, {})
     info = result.diagnostics["level"]
