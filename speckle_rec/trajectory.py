@@ -724,6 +724,8 @@ def _level_sweep(meas, rho, theta, planes, signs, opts):
     tilt = float(np.sum(signs * planes[:, 2]))
     travel = float(np.sum(signs * (planes @ centre)))
     info = {"net_tilt_deg_before": round(math.degrees(tilt), 3), "net_travel_mm": round(travel, 3)}
+    if not (math.isfinite(tilt) and math.isfinite(travel)):
+        return meas, planes, {"skipped": "key-step planes not finite"}
     if abs(travel) < LEVEL_MIN_TRAVEL_MM:
         return meas, planes, dict(info, skipped=f"net travel under {LEVEL_MIN_TRAVEL_MM:g} mm")
     gradient, fits = 0.0, 0

@@ -244,6 +244,17 @@ def test_levelling_leaves_short_sweeps_alone():
     assert result.diagnostics["seconds"]["level"] >= 0.0
 
 
+def test_levelling_skips_planes_that_are_not_finite():
+    poses = probe_trajectory(1000, protocol="linear", probe=MEDIUM, seed=4)[:40]
+    meas = synthetic_measurements(poses, MEDIUM)
+    planes = np.tile([0.5, 0.0, 0.01], (4, 1))
+    planes[2, 2] = np.nan
+    rho, theta = np.zeros((4, len(meas.grid))), np.zeros(4)
+    same, kept, info = T._level_sweep(meas, rho, theta, planes, np.ones(4), dict(T.DEFAULT_OPTIONS))
+    assert same is meas and kept is planes and info == {"skipped": "key-step planes not finite"}
+    json.dumps(info)
+
+
 def test_sigma_gradient_scales_the_curves_about_mid_depth():
     tilted = MODEL.with_sigma_gradient(0.002)  # bands centred 7.5, 22.5, 37.5 mm; middle 22.5 mm
     assert tilted.sigma_mm == pytest.approx(MODEL.sigma_mm * np.array([0.97, 1.0, 1.03]))
