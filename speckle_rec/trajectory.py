@@ -721,25 +721,27 @@ def _level_sweep(meas, rho, theta, planes, signs, opts):
     base = meas.model
     middle = 0.5 * (base.depth_edges_mm[0] + base.depth_edges_mm[-1])
     centre = np.array([1.0, meas.grid.x_mm.mean(), middle])
-    tilt = float(np.sum(signs * planes[:, 2]))
-    travel = float(np.sum(signs * (planes @ centre)))
+
+    def net(planes):  # net tilt about image x (rad) and net elevation at mid depth (mm)
+        return float(np.sum(signs * planes[:, 2])), float(np.sum(signs * (planes @ centre)))
+
+    tilt, travel = net(planes)
     info = {"net_tilt_deg_before": round(math.degrees(tilt), 3), "net_travel_mm": round(travel, 3)}
     if not (math.isfinite(tilt) and math.isfinite(travel)):
         return meas, planes, {"skipped": "key-step planes not finite"}
     if abs(travel) < LEVEL_MIN_TRAVEL_MM:
         return meas, planes, dict(info, skipped=f"net travel under {LEVEL_MIN_TRAVEL_MM:g} mm")
     gradient, fits = 0.0, 0
+    meas = copy.copy(meas)  # the caller's measurements keep their model
     while fits < LEVEL_ITERATIONS and abs(tilt) > LEVEL_TOLERANCE_RAD:
         wanted = float(np.clip(gradient - tilt / travel, -LEVEL_MAX_GRADIENT, LEVEL_MAX_GRADIENT))
         if wanted == gradient:
             break
         gradient, fits = wanted, fits + 1
-        meas = copy.copy(meas)  # the caller's measurements keep their model
         meas.model = base.with_sigma_gradient(gradient)
         planes, _ = fit_planes(rho, theta, meas, f_scale=opts["f_scale"],
                                rho_sigma_floor=opts["rho_sigma_floor"])
-        tilt = float(np.sum(signs * planes[:, 2]))
-        travel = float(np.sum(signs * (planes @ centre)))
+        tilt, travel = net(planes)
     return meas, planes, dict(info, gradient_percent_per_20mm=round(2000.0 * gradient, 3), fits=fits,
                               net_tilt_deg=round(math.degrees(tilt), 3))
 
