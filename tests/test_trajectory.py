@@ -515,7 +515,8 @@ def test_pivot_fits_start_from_planes_through_the_contact(rendered, monkeypatch)
 
     def share_missed():
         planes, _ = T.fit_planes(rho, theta, meas, pivot_sigma_mm=0.2)
-        error = np.minimum(np.abs((planes - truth) @ anchors.T).mean(1), np.abs((planes + truth) @ anchors.T).mean(1))
+        error = np.minimum(np.abs((planes - truth) @ anchors.T).mean(1),
+                           np.abs((planes + truth) @ anchors.T).mean(1))  # up to the sign
         return np.mean(error > 0.5 * np.abs(truth @ anchors.T).mean(1))
 
     with_grid = share_missed()
