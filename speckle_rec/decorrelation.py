@@ -217,6 +217,11 @@ class DecorrelationModel:
         """(B,) centres of the depth bands, mm."""
         return 0.5 * (self.depth_edges_mm[1:] + self.depth_edges_mm[:-1])
 
+    @property
+    def mid_depth_mm(self):
+        """Middle of the depth range the bands cover, mm (:meth:`with_sigma_gradient` pivots there)."""
+        return 0.5 * (self.depth_edges_mm[0] + self.depth_edges_mm[-1])
+
     def with_sigma_gradient(self, per_mm):
         """These curves with each band's σ multiplied by ``1 + per_mm · (y − y_mid)``.
 
@@ -229,8 +234,7 @@ class DecorrelationModel:
         DataError
             If a factor is not positive.
         """
-        middle = 0.5 * (self.depth_edges_mm[0] + self.depth_edges_mm[-1])
-        factor = 1.0 + float(per_mm) * (self.band_centers_mm - middle)
+        factor = 1.0 + float(per_mm) * (self.band_centers_mm - self.mid_depth_mm)
         if not np.all(factor > 0):
             raise DataError(f"a σ gradient of {per_mm:g} per mm makes σ non-positive over "
                             f"{self.depth_edges_mm[0]:g}-{self.depth_edges_mm[-1]:g} mm")

@@ -740,8 +740,7 @@ def _level_sweep(meas, rho, theta, planes, signs, opts):
     Returns (meas with the levelled model, planes, diagnostics dict).
     """
     base = meas.model
-    middle = 0.5 * (base.depth_edges_mm[0] + base.depth_edges_mm[-1])
-    centre = np.array([1.0, meas.grid.x_mm.mean(), middle])
+    centre = np.array([1.0, meas.grid.x_mm.mean(), base.mid_depth_mm])  # where the gradient pivots
 
     def net(planes):  # net tilt about image x (rad) and net elevation at mid depth (mm)
         return float(np.sum(signs * planes[:, 2])), float(np.sum(signs * (planes @ centre)))

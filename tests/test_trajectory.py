@@ -257,6 +257,7 @@ def test_levelling_skips_planes_that_are_not_finite():
 
 def test_sigma_gradient_scales_the_curves_about_mid_depth():
     tilted = MODEL.with_sigma_gradient(0.002)  # bands centred 7.5, 22.5, 37.5 mm; middle 22.5 mm
+    assert MODEL.mid_depth_mm == 22.5
     assert tilted.sigma_mm == pytest.approx(MODEL.sigma_mm * np.array([0.97, 1.0, 1.03]))
     assert np.array_equal(tilted.floor, MODEL.floor) and tilted.depth_edges_mm.tolist() == [0, 15, 30, 45]
     with pytest.raises(DataError, match="non-positive"):
