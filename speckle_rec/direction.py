@@ -52,10 +52,10 @@ then barely observable (only through pairs that straddle the quiet stretch with 
 both sides), so each phase boundary is close to a coin flip. Re-deciding the least certain
 junctions with such long-range pairs (all 2^8 flip patterns scored against their measured ρ) was
 tried and measured: it helped on some scans and cost up to 0.7 of score on others (the long-range
-ρ favoured wrong patterns), so it is not used. A bound on the accumulated fan (tilt about image x within ±40° of the start, with
-a fixed contact) was also added to the Viterbi as an exact extra state and measured. It lowered
-the rotation mean from 0.469 to 0.422, because it forces some flip without saying which one, so
-it is not used either. With the true key-step signs the same pipeline scores 0.775
+ρ favoured wrong patterns), so it is not used. A bound on the accumulated fan (tilt about image x
+within ±40° of the start, with a fixed contact) was also added to the Viterbi as an exact extra
+state and measured. It lowered the rotation mean from 0.469 to 0.422, because it forces some flip
+without saying which one, so it is not used either. With the true key-step signs the same pipeline scores 0.775
 (``benchmarks/trajectory_options.py --start oracle-signs``). Velocity smoothness alone is also
 close to a coin flip at eased stops (tested in ``tests/test_direction.py``); the triplet spans
 decide those.
