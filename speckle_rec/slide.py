@@ -23,10 +23,16 @@ faster, as accurate at 240×320 and more accurate at 480×640 (``benchmarks/READ
 :func:`speckle_rec.trajectory.estimate_trajectory` uses these pairs (unless ``slide=False``), on
 scans that fan about a fixed skin contact (they come back to their views), to decide the relation
 across each quiet stretch (:func:`quiet_stretches`), which decorrelation cannot carry a sign
-across; ``benchmarks/anatomy_slide.py`` measures the cue and ``benchmarks/README.md`` what it does
-to the rotation scores.
+across: first the pairs near each stretch (:func:`vote_across_stretches`), then the pairs between
+any two runs of steps the stretches separate, for all relations at once
+(:func:`vote_between_segments`). Blurred thumbnails alone can pass planes 90° apart as the same
+view (their correlation is dominated by what every frame shares), so a pair between runs votes
+only if its frames, chained from the key steps, come within ``MAX_VIEW_MM`` under some relation
+(:func:`view_distances`). ``benchmarks/anatomy_slide.py`` measures the cue and
+``benchmarks/README.md`` what it does to the rotation scores.
 """
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -45,6 +51,8 @@ MIN_COSINE = 0.15  # same-view pairs right: <= 91 % below it, >= 94.7 % above (b
 MIN_GAP = 21  # key steps; nearer pairs are the sign DP's
 SAME_VIEW = 0.99  # thumbnail correlation above which two frames show about the same view
 MIN_STEP_MM = 0.1  # key steps whose RMS anchor elevation is below this hardly slide
+MAX_STRETCHES = 12  # relations chosen by brute force over 2^stretches
+MAX_VIEW_MM = 4.0  # same-view pairs whose frames stay farther apart under every relation: other views
 _LK_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.01)
 _CHUNK_STEPS = 64
 
@@ -187,6 +195,15 @@ def same_view_pairs(fields, similarity, moving, *, min_cosine=MIN_COSINE):
     return first, second, cosine[first, second]
 
 
+def paired_steps(similarity, moving):
+    """(S,) int: the moving key steps with a far partner of about the same view, the only ones whose
+    fields :func:`same_view_pairs` can use (the others need no flow)."""
+    steps = np.arange(moving.size)
+    far = np.abs(steps[None, :] - steps[:, None]) >= MIN_GAP
+    use = far & (similarity > SAME_VIEW) & moving[:, None] & moving[None, :]
+    return np.flatnonzero(use.any(axis=1))
+
+
 def moving_steps(elevation):
     """(M,) bool: key steps whose RMS elevation at the anchors reaches ``MIN_STEP_MM`` (they slide).
 
@@ -219,16 +236,6 @@ def quiet_stretches(moving):
             runs.append((m, last))
         m = last + 1
     return runs
-
-
-def voting_steps(moving, *, window):
-    """(S,) int: the moving key steps within ``window`` of a quiet stretch, the only ones whose
-    pairs :func:`vote_across_stretches` reads with the same ``window`` (the others need no field)."""
-    moving = np.asarray(moving, bool)
-    near = np.zeros(moving.size, bool)
-    for start, end in quiet_stretches(moving):
-        near[max(start - window, 0):end + window + 1] = True
-    return np.flatnonzero(near & moving)
 
 
 def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_pairs, margins=None):
@@ -294,5 +301,110 @@ def vote_across_stretches(signs, moving, first, second, cosine, *, window, min_p
     return signs, {"quiet_stretches": len(stretches), "decided": decided, "flipped": flipped, "moved": moved}
 
 
-__all__ = ["moving_steps", "quiet_stretches", "same_view_pairs", "slide_fields", "slide_points",
-           "view_similarity", "vote_across_stretches", "voting_steps"]
+def segments(moving):
+    """(M,) int: the run of each key step, runs split after each quiet stretch (:func:`quiet_stretches`).
+
+    Run ``r`` ends with the ``r``-th stretch, so flipping the relation at stretch ``(start, end)``
+    flips the signs of the steps after ``end``: every later run.
+    """
+    moving = np.asarray(moving, bool)
+    ends = np.array([end for _, end in quiet_stretches(moving)], dtype=np.int64)
+    return np.searchsorted(ends, np.arange(moving.size), side="left")
+
+
+def view_distances(poses, first, second, segment, points):
+    """How near two key steps' start frames come, over the relations at the stretches between them.
+
+    Flipping the relation at a quiet stretch whose last step is ``end`` reflects every later frame
+    through the plane of key frame ``end + 1``. For each pair the frames' RMS distance over
+    ``points`` is taken under every choice of flips at the stretches between their runs (frames
+    of different views stay far apart under all of them: same-looking thumbnails are not enough,
+    see ``MAX_VIEW_MM``).
+
+    Parameters
+    ----------
+    poses : (K, 4, 4) ndarray
+        Key frame → frame 0 (image-mm), chained with the current signs.
+    first, second : (P,) int ndarrays
+        Key steps (their start frames' poses are compared), ``segment[first] <= segment[second]``.
+    segment : (K − 1,) int ndarray
+        :func:`segments`.
+    points : (Q, 2) ndarray
+        Image points (x, y) in mm.
+
+    Returns
+    -------
+    (P,) ndarray
+        The least RMS distance (mm).
+    """
+    ends = np.flatnonzero(np.diff(segment))  # last step of each run but the final one
+    mirror_z = np.diag([1.0, 1.0, -1.0, 1.0])
+    reflect = poses[ends + 1] @ mirror_z @ np.linalg.inv(poses[ends + 1])
+    homogeneous = np.concatenate([points.T, np.zeros((1, len(points))), np.ones((1, len(points)))])
+    a, b = poses[first] @ homogeneous, poses[second] @ homogeneous
+    out = np.full(len(first), np.inf)
+    for i, j in sorted(set(zip(segment[first].tolist(), segment[second].tolist()))):
+        use = (segment[first] == i) & (segment[second] == j)
+        for flips in itertools.product((False, True), repeat=j - i):
+            w = np.eye(4)
+            for k in np.flatnonzero(flips):
+                w = w @ reflect[i + k]
+            gap = a[use, :3] - np.einsum("ij,pjq->piq", w[:3], b[use])
+            out[use] = np.minimum(out[use], np.sqrt(np.mean(np.sum(gap**2, axis=1), axis=1)))
+    return out
+
+
+def vote_between_segments(signs, segment, first, second, cosine, *, min_pairs, margins=None):
+    """Signs with the relation at every quiet stretch chosen to agree with the pairs of all runs.
+
+    The pairs between runs ``i < j`` sum to a vote ``V_ij = Σ signs[first]·signs[second]·cosine``
+    (zero with fewer than ``min_pairs``). Flipping the relations ``g`` at the stretches (±1 each)
+    multiplies run ``r``'s signs by ``f_r = g_1·…·g_r``; the flips taken maximise ``Σ f_i·f_j·V_ij``,
+    by brute force over all ``2^S`` choices (``S <= MAX_STRETCHES``); among equals, the fewest
+    flips, then those at the stretches of the smallest ``margins``.
+
+    Parameters
+    ----------
+    signs : (M,) int ndarray
+    segment : (M,) int ndarray
+        :func:`segments`.
+    first, second, cosine : (P,) ndarrays
+        Same-view pairs (:func:`same_view_pairs`).
+    min_pairs : int
+    margins : (S,) ndarray, optional
+        How sure the signs are of each stretch's relation (default: equal).
+
+    Returns
+    -------
+    signs : (M,) int ndarray
+        A new array.
+    counts : dict
+        ``runs``, ``run_pairs_voting`` (pairs of runs with enough pairs) and ``flipped``.
+    """
+    signs = np.array(signs, dtype=np.int64)
+    runs = int(segment.max()) + 1 if segment.size else 1
+    if runs - 1 > MAX_STRETCHES:
+        raise ValueError(f"expected at most {MAX_STRETCHES} quiet stretches, got {runs - 1}")
+    votes = np.zeros((runs, runs))
+    count = np.zeros((runs, runs), np.int64)
+    across = segment[first] != segment[second]  # a pair within a run says nothing of the stretches
+    at = (segment[first[across]], segment[second[across]])
+    np.add.at(votes, at, signs[first[across]] * signs[second[across]] * cosine[across])
+    np.add.at(count, at, 1)
+    votes[count < min_pairs] = 0.0
+    margins = np.zeros(runs - 1) if margins is None else np.asarray(margins, dtype=np.float64)
+    choices = np.array(list(itertools.product((1, -1), repeat=runs - 1)), np.int64)
+    choices = choices.reshape(2 ** (runs - 1), runs - 1)
+    factors = np.concatenate([np.ones((len(choices), 1), np.int64), np.cumprod(choices, axis=1)], axis=1)
+    agreement = np.einsum("ci,ij,cj->c", factors, votes, factors)
+    flipped = choices < 0
+    # the best agreement (up to rounding), then the fewest flips, then the least sure stretches
+    best = np.lexsort((flipped @ margins, flipped.sum(axis=1), -np.round(agreement, 9)))[0]
+    signs *= factors[best][segment]
+    return signs, {"runs": runs, "run_pairs_voting": int(np.sum(votes != 0)),
+                   "flipped": int(flipped[best].sum())}
+
+
+__all__ = ["moving_steps", "paired_steps", "quiet_stretches", "same_view_pairs", "segments", "slide_fields",
+           "slide_points", "view_distances", "view_similarity", "vote_across_stretches",
+           "vote_between_segments"]

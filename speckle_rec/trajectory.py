@@ -20,12 +20,14 @@ Stages (timed in ``diagnostics["seconds"]``)
    Then, on a scan that fans about a fixed skin contact (the pivot prior is on; ``slide=False``
    skips this), the relation across each quiet stretch (key steps that hardly move out of plane)
    is put to a vote of same-view key steps on its two sides by the anatomy slide
-   (:mod:`speckle_rec.slide`; one sparse flow per key step near a stretch). Sweeps do not come
-   back to a view; before this gate the stage flipped a stretch of one wrongly
-   (``benchmarks/README.md``). On a scan without a fixed contact (a sweep; ``level_sweeps=False``
-   skips this), the depth gradient of the curves' σ is fitted instead so that the sweep ends at the
-   tilt about image x it started with (:func:`_level_sweep`): a translation's frames cannot tell
-   that tilt from a depth bias of the curves, so without this prior the calibration decides it.
+   (:mod:`speckle_rec.slide`; one sparse flow per moving key step with a same-view partner), and
+   then the relations at all stretches together to the same-view pairs between any two runs of
+   steps they separate (:func:`_slide_across_quiet_stretches`). Sweeps do not come back to a
+   view; before this gate the stage flipped a stretch of one wrongly (``benchmarks/README.md``).
+   On a scan without a fixed contact (a sweep; ``level_sweeps=False`` skips this), the depth
+   gradient of the curves' σ is fitted instead so that the sweep ends at the tilt about image x it
+   started with (:func:`_level_sweep`): a translation's frames cannot tell that tilt from a depth
+   bias of the curves, so without this prior the calibration decides it.
 3. **Initialise.** Signed key steps are chained (:func:`_step_matrix`); frames in between take
    the chained in-plane motion and a time-proportional share of the key step's out-of-plane part.
 4. **Bundle adjustment.** Poses are 6-vectors (rotation vector, mm; frame 0 = identity), solved in
@@ -75,12 +77,18 @@ from .inplane import (
 from .outofplane import fan_apex_mm, fan_contact_mm, patch_grid
 from .progress import progress_bar
 from .slide import (
+    MAX_STRETCHES,
+    MAX_VIEW_MM,
     moving_steps,
+    paired_steps,
+    quiet_stretches,
     same_view_pairs,
+    segments,
     slide_fields,
+    view_distances,
     view_similarity,
     vote_across_stretches,
-    voting_steps,
+    vote_between_segments,
 )
 from .threads import set_threads
 from .transforms import locals_from_globals, matrices_from_params
@@ -695,26 +703,52 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
     """Stage 2b (``slide``, on by default): the sign across each quiet stretch from the anatomy slide.
 
     The DP cannot carry a sign across a run of key steps that hardly move out of plane (the
-    rotation protocol's in-plane rock): the same-view slide pairs straddling it vote instead
-    (:func:`speckle_rec.slide.vote_across_stretches`). ``dp`` is the sign DP's
-    :class:`speckle_rec.direction.SignResolution` (its margins place a flip the pairs cannot).
+    rotation protocol's in-plane rock). Same-view slide pairs decide instead, in two steps:
+
+    1. the pairs straddling each stretch within ``SLIDE_WINDOW`` key steps vote on it, and may move
+       the flip to a DP error beside it (:func:`speckle_rec.slide.vote_across_stretches`; ``dp`` is
+       the sign DP's :class:`speckle_rec.direction.SignResolution`, whose margins place it);
+    2. the pairs between any two runs of steps between stretches choose the relations at all
+       stretches together (:func:`speckle_rec.slide.vote_between_segments`), with up to
+       ``MAX_STRETCHES`` stretches. A scan comes back to a view long after it left it (after the
+       spin, to the fan before the rock), out of the window's reach. Only pairs whose key frames,
+       chained from the key steps, come within ``MAX_VIEW_MM`` of each other under some relation
+       at the stretches between them vote: thumbnails of planes 90° apart can look alike
+       (:func:`speckle_rec.slide.view_distances`).
+
     Returns the signs and a diagnostics dict.
     """
     clock = time.perf_counter()
     moving = moving_steps(elevation)
-    steps = voting_steps(moving, window=SLIDE_WINDOW)  # the others need no flow
-    first = second = np.zeros(0, np.int64)
+    stretches = quiet_stretches(moving)
+    first = second = steps = np.zeros(0, np.int64)
     cosine = np.zeros(0)
-    if steps.size:
+    if stretches:  # else nothing to vote on
+        candidates = np.flatnonzero(moving)
+        similarity = np.zeros((moving.size, moving.size))
+        middles = (keys[candidates] + keys[candidates + 1]) // 2
+        similarity[np.ix_(candidates, candidates)] = view_similarity(meas.stack, middles, meas.spacing)
+        steps = paired_steps(similarity, moving)
         fields = slide_fields(meas.stack, meas.mask, meas.spacing, keys, planes, model=meas.model,
                               steps=steps, threads=threads)
-        similarity = np.zeros((moving.size, moving.size))
-        middles = (keys[steps] + keys[steps + 1]) // 2
-        similarity[np.ix_(steps, steps)] = view_similarity(meas.stack, middles, meas.spacing)
         first, second, cosine = same_view_pairs(fields, similarity, moving)
     signs, counts = vote_across_stretches(dp.signs, moving, first, second, cosine, window=SLIDE_WINDOW,
                                           min_pairs=SLIDE_MIN_PAIRS, margins=dp.flip_margin)
-    return signs, dict(counts, flows=int(steps.size), same_view_pairs=int(first.size),
+    if not stretches:
+        runs = {"skipped": "no quiet stretch"}
+    elif len(stretches) > MAX_STRETCHES:
+        runs = {"skipped": f"more than {MAX_STRETCHES} quiet stretches"}
+    else:
+        segment = segments(moving)
+        across = np.flatnonzero(segment[first] != segment[second])
+        poses = _initial_poses(meas, keys, planes, signs)[keys]
+        points = np.stack([meas.grid.x_mm, meas.grid.y_mm], axis=1)
+        near = across[view_distances(poses, first[across], second[across], segment, points) <= MAX_VIEW_MM]
+        margins = np.array([dp.flip_margin[start - 1:end + 1].min() for start, end in stretches])
+        signs, runs = vote_between_segments(signs, segment, first[near], second[near], cosine[near],
+                                            min_pairs=SLIDE_MIN_PAIRS, margins=margins)
+        runs = dict(runs, pairs_across=int(across.size), pairs_near=int(near.size))
+    return signs, dict(counts, flows=int(steps.size), same_view_pairs=int(first.size), runs=runs,
                        seconds=round(time.perf_counter() - clock, 3))
 
 

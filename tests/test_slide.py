@@ -148,6 +148,26 @@ def test_same_view_pairs_keep_far_apart_alike_views_with_clear_cosines():
     assert weak[0].tolist() == [1] and 0.0 < weak[2][0] < slide.MIN_COSINE
 
 
+def test_paired_steps_are_the_moving_steps_with_a_far_same_view_partner():
+    m = slide.MIN_GAP + 5
+    similarity = np.full((m, m), 0.5)
+    similarity[0, m - 1] = similarity[m - 1, 0] = 0.999
+    similarity[1, 3] = similarity[3, 1] = 0.999  # too near
+    similarity[2, m - 2] = similarity[m - 2, 2] = 0.999
+    moving = np.ones(m, bool)
+    moving[m - 2] = False
+    assert slide.paired_steps(similarity, moving).tolist() == [0, m - 1]
+    # they are the steps same_view_pairs can use: fields elsewhere do not change its pairs
+    fields = np.random.default_rng(1).normal(size=(m, 6))
+    fields /= np.linalg.norm(fields, axis=1, keepdims=True)
+    fields[0] = fields[m - 1]
+    alone = np.zeros_like(fields)
+    alone[[0, m - 1]] = fields[[0, m - 1]]
+    full = slide.same_view_pairs(fields, similarity, moving)
+    some = slide.same_view_pairs(alone, similarity, moving)
+    assert all(np.array_equal(a, b) for a, b in zip(full, some)) and full[0].tolist() == [0]
+
+
 def test_quiet_stretches_need_moving_steps_on_both_sides():
     moving = np.array([False, True, False, False, True, True, False, True, False])
     assert slide.quiet_stretches(moving) == [(2, 3), (6, 6)]
@@ -188,12 +208,6 @@ def test_votes_decide_the_relation_across_a_quiet_stretch():
     assert slide.vote_across_stretches(dp, moving, *far, window=40, min_pairs=1)[0].tolist() == truth.tolist()
 
 
-def test_voting_steps_are_the_moving_steps_a_window_reaches():
-    moving, _, _ = _quiet_scene(42)  # steps 40-41 quiet
-    assert slide.voting_steps(moving, window=20).tolist() == list(range(20, 40)) + list(range(42, 62))
-    assert slide.voting_steps(np.ones(10, bool), window=20).size == 0  # no quiet stretch
-
-
 def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_stretch():
     """The DP's signs are wrong after step 50, not across the quiet stretch 40-41: the flip goes there."""
     moving, truth, dp = _quiet_scene(51)
@@ -219,3 +233,87 @@ def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_s
 def test_moving_steps_by_rms_elevation_at_the_anchors():
     elevation = np.array([[0.12, -0.12, 0.12], [0.05, 0.0, -0.05], [0.0, 0.0, 0.3]])  # RMS 0.12, 0.041, 0.173 mm
     assert slide.moving_steps(elevation).tolist() == [True, False, True]
+
+
+def test_segments_split_after_each_quiet_stretch():
+    moving = np.array([False, True, False, False, True, True, False, True, False])  # stretches 2-3, 6
+    assert slide.segments(moving).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    assert slide.segments(np.ones(3, bool)).tolist() == [0, 0, 0]
+
+
+def _runs_scene():
+    """30 key steps in three runs (quiet stretches 9-10 and 19-20); the truth moves one way."""
+    moving = np.ones(30, bool)
+    moving[[9, 10, 19, 20]] = False
+    return moving, slide.segments(moving), np.ones(30, np.int64)
+
+
+def test_votes_between_runs_choose_the_relations_at_all_stretches():
+    moving, segment, truth = _runs_scene()
+    wrong = truth.copy()
+    wrong[21:] = -1  # the relation at the second stretch is wrong
+    # pairs run 0 - run 2 only (true cosines > 0): they say runs 0 and 2 disagree, not at which stretch
+    first, second, cosine = np.array([2, 3, 5]), np.array([24, 25, 27]), np.array([0.5, 0.6, 0.4])
+    signs, counts = slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=3,
+                                                margins=np.array([2.0, 1.0]))
+    assert signs.tolist() == truth.tolist() and wrong[21] == -1  # a new array
+    assert counts == {"runs": 3, "run_pairs_voting": 1, "flipped": 1}
+    # the first stretch's relation is the less sure: it flips instead (one flip either way)
+    other = slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=3,
+                                        margins=np.array([1.0, 2.0]))[0]
+    assert other[[0, 15, 25]].tolist() == [1, -1, 1]
+    # a pair run 1 - run 2 places it: the first stretch's relation was right
+    both = (np.append(first, [12, 13, 14]), np.append(second, [23, 24, 26]), np.append(cosine, [0.3] * 3))
+    assert slide.vote_between_segments(wrong, segment, *both, min_pairs=3,
+                                       margins=np.array([1.0, 2.0]))[0].tolist() == truth.tolist()
+    # too few pairs, or right signs: nothing changes; pairs within a run never vote
+    assert slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=4)[0].tolist() \
+        == wrong.tolist()
+    assert slide.vote_between_segments(truth, segment, first, second, cosine, min_pairs=3)[1]["flipped"] == 0
+    inside = (np.array([0, 1, 2]), np.array([25, 26, 27]), np.array([-0.5, -0.5, -0.5]))
+    assert slide.vote_between_segments(truth, np.zeros(30, np.int64), *inside, min_pairs=1)[1] \
+        == {"runs": 1, "run_pairs_voting": 0, "flipped": 0}
+
+
+def test_votes_between_runs_refuse_more_stretches_than_the_brute_force_takes():
+    segment = np.repeat(np.arange(slide.MAX_STRETCHES + 2), 2)
+    with pytest.raises(ValueError, match=f"at most {slide.MAX_STRETCHES} quiet stretches, got 13"):
+        slide.vote_between_segments(np.ones(segment.size), segment, np.zeros(0, int), np.zeros(0, int),
+                                    np.zeros(0), min_pairs=1)
+
+
+def _chained(steps, flips_after=()):
+    """(K, 4, 4) poses of the key frames chained from ``steps`` (K − 1, 4, 4), each step after a
+    junction in ``flips_after`` mirrored through the image plane (its out-of-plane sign flipped)."""
+    mirror_z = np.diag([1.0, 1.0, -1.0, 1.0])
+    poses = [np.eye(4)]
+    for m, step in enumerate(steps):
+        flipped = sum(m > end for end in flips_after) % 2
+        poses.append(poses[-1] @ (mirror_z @ step @ mirror_z if flipped else step))
+    return np.array(poses)
+
+
+def test_view_distances_take_the_nearest_relation_at_the_stretches_between():
+    """The reflection of later frames equals re-chaining the key steps with their signs flipped."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(4)
+    _, segment, _ = _runs_scene()
+    steps = np.tile(np.eye(4), (30, 1, 1))
+    steps[:, :3, :3] = Rotation.from_rotvec(rng.normal(scale=0.03, size=(30, 3))).as_matrix()
+    steps[:, :3, 3] = rng.normal(scale=0.5, size=(30, 3))
+    points = np.stack(np.meshgrid([5.0, 20.0, 35.0], [5.0, 25.0, 45.0]), -1).reshape(-1, 2)
+    first, second = np.array([2, 3, 4, 12, 1]), np.array([8, 15, 25, 27, 29])  # the first within a run
+    homogeneous = np.concatenate([points.T, np.zeros((1, 9)), np.ones((1, 9))])
+
+    def rms(poses):
+        gap = (poses[first] @ homogeneous - poses[second] @ homogeneous)[:, :3]
+        return np.sqrt(np.mean(np.sum(gap**2, axis=1), axis=1))
+
+    every = [rms(_chained(steps, flips)) for flips in [(), (10,), (20,), (10, 20)]]
+    found = slide.view_distances(_chained(steps), first, second, segment, points)
+    assert np.allclose(found, np.min(every, axis=0), atol=1e-9)
+    assert found[0] == pytest.approx(every[0][0])  # no stretch between: one relation
+    assert not np.allclose(every[0], every[3])  # the flips matter
+    # chained under a wrong relation, a pair still finds its nearest one
+    assert np.allclose(slide.view_distances(_chained(steps, (20,)), first, second, segment, points), found)

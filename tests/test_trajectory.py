@@ -411,7 +411,8 @@ def test_slide_option_leaves_sweeps_alone(rendered):
 
 def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch):
     """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
-    first quiet stretch flipped, the slide votes flip them back."""
+    first quiet stretch flipped, the slide votes flip them back, near the stretch or, out of the
+    window's reach, between the runs of steps it separates."""
     frames = simulate_scan(1000, protocol="rotation", probe=MEDIUM, seed=2).frames[0:300]
     opts = T._check_options({"slide": False})
     meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, DecorrelationModel.default(),
@@ -420,7 +421,8 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     slid = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     counts = slid["signs"]["slide"]
     assert counts["decided"] >= 1 and counts["flipped"] == 0  # measured: 3 stretches, 3 decided
-    assert 0 < counts["flows"] <= len(plain["key_signs"])  # only steps near a stretch are tracked
+    assert counts["runs"]["runs"] == counts["quiet_stretches"] + 1 and counts["runs"]["flipped"] == 0
+    assert 0 < counts["flows"] < len(plain["key_signs"])  # the moving steps are tracked
     assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
 
     keys, dp = np.array(plain["key_frames"]), T.resolve_signs
@@ -435,7 +437,11 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     monkeypatch.setattr(T, "resolve_signs", broken)
     mended = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     assert mended["signs"]["slide"]["flipped"] == 1 and mended["signs"]["slide"]["moved"] == 0
-    assert mended["key_signs"] == plain["key_signs"]
+    assert mended["signs"]["slide"]["runs"]["flipped"] == 0 and mended["key_signs"] == plain["key_signs"]
+    monkeypatch.setattr(T, "SLIDE_WINDOW", 0)  # no pair within the window: the runs decide
+    far = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+    assert far["signs"]["slide"]["decided"] == 0 and far["signs"]["slide"]["runs"]["flipped"] == 1
+    assert far["key_signs"] == plain["key_signs"]
     assert T._estimate(meas, opts, False, {}, threads=2).diagnostics["key_signs"] != plain["key_signs"]
 
 
