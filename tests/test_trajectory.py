@@ -422,7 +422,7 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     counts = slid["signs"]["slide"]
     assert counts["decided"] >= 1 and counts["flipped"] == 0  # measured: 3 stretches, 3 decided
     assert counts["runs"]["runs"] == counts["quiet_stretches"] + 1 and counts["runs"]["flipped"] == 0
-    assert 0 < counts["flows"] < len(plain["key_signs"])  # the moving steps are tracked
+    assert 0 < counts["flows"] < len(plain["key_signs"])  # moving steps with a far same-view partner
     assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
 
     keys, dp = np.array(plain["key_frames"]), T.resolve_signs
