@@ -43,9 +43,10 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
 Measured (simulated scans, ``benchmarks/accuracy.py``, 5 scans per protocol)
 -------------------------------------------------------------------------------
 Sweeps (linear, C, S; 1000 frames): 96-98 % of the moving frames get the right sign. Rotation
-protocol: 60-62 % with the right global mirror; with the truth's relation across each quiet
-stretch the scores would rise from 0.49 to 0.74 on 43 scans at 240×320, and the relation that
-fails most is the spin's to the first fan (seeds 4-6 of the five). The rotation protocol
+protocol: 69 % (240×320) and 60 % (480×640) with the right global mirror; with the truth's
+relation across each quiet stretch the scores would rise from 0.57 (0.49 before the slide
+stage's vote between runs) to 0.74 on 43 scans at 240×320, and the relation that fails most is
+the spin's to the first fan (seeds 4 and 5 of the five). The rotation protocol
 returns to the upright pose between its phases (fan, rock, spin, fan, rock), and the in-plane
 "rock" phase moves hardly at all out of plane: a phase's mirror relative to the previous one is
 then barely observable (only through pairs that straddle the quiet stretch with small tilts on
@@ -55,8 +56,8 @@ tried and measured: it helped on some scans and cost up to 0.7 of score on other
 ρ favoured wrong patterns), so it is not used. A bound on the accumulated fan (tilt about image x
 within ±40° of the start, with a fixed contact) was also added to the Viterbi as an exact extra
 state and measured. It lowered the rotation mean from 0.469 to 0.422, because it forces some flip
-without saying which one, so it is not used either. With the true key-step signs the same pipeline scores 0.775
-(``benchmarks/trajectory_options.py --start oracle-signs``). Velocity smoothness alone is also
+without saying which one, so it is not used either. With the true key-step signs the same
+pipeline scores 0.775 (``benchmarks/trajectory_options.py --start oracle-signs``). Velocity smoothness alone is also
 close to a coin flip at eased stops (tested in ``tests/test_direction.py``); the triplet spans
 decide those.
 

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from .direction import MIRROR
 from .threads import opencv_threads
 
 BLUR_MM = 0.2  # Gaussian blur before the flow (σ)
@@ -188,20 +189,22 @@ def same_view_pairs(fields, similarity, moving, *, min_cosine=MIN_COSINE):
         Their fields' cosine: > 0 when the steps move the same way.
     """
     cosine = fields @ fields.T
-    steps = np.arange(fields.shape[0])
-    far = steps[None, :] - steps[:, None] >= MIN_GAP
-    use = far & (similarity > SAME_VIEW) & (np.abs(cosine) > min_cosine) & moving[:, None] & moving[None, :]
-    first, second = np.nonzero(use)
+    first, second = np.nonzero(_view_partners(similarity, moving) & (np.abs(cosine) > min_cosine))
     return first, second, cosine[first, second]
+
+
+def _view_partners(similarity, moving):
+    """(M, M) bool: moving steps i < j at least ``MIN_GAP`` apart whose views look alike."""
+    steps = np.arange(moving.size)
+    far = steps[None, :] - steps[:, None] >= MIN_GAP
+    return far & (similarity > SAME_VIEW) & moving[:, None] & moving[None, :]
 
 
 def paired_steps(similarity, moving):
     """(S,) int: the moving key steps with a far partner of about the same view, the only ones whose
     fields :func:`same_view_pairs` can use (the others need no flow)."""
-    steps = np.arange(moving.size)
-    far = np.abs(steps[None, :] - steps[:, None]) >= MIN_GAP
-    use = far & (similarity > SAME_VIEW) & moving[:, None] & moving[None, :]
-    return np.flatnonzero(use.any(axis=1))
+    partners = _view_partners(similarity, moving)
+    return np.flatnonzero(partners.any(axis=0) | partners.any(axis=1))
 
 
 def moving_steps(elevation):
@@ -338,8 +341,7 @@ def view_distances(poses, first, second, segment, points):
         The least RMS distance (mm).
     """
     ends = np.flatnonzero(np.diff(segment))  # last step of each run but the final one
-    mirror_z = np.diag([1.0, 1.0, -1.0, 1.0])
-    reflect = poses[ends + 1] @ mirror_z @ np.linalg.inv(poses[ends + 1])
+    reflect = poses[ends + 1] @ MIRROR @ np.linalg.inv(poses[ends + 1])
     homogeneous = np.concatenate([points.T, np.zeros((1, len(points))), np.ones((1, len(points)))])
     a, b = poses[first] @ homogeneous, poses[second] @ homogeneous
     out = np.full(len(first), np.inf)

@@ -6,6 +6,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from speckle_rec import slide
+from speckle_rec.direction import MIRROR
 
 
 def _anatomy(shape, seed=3):
@@ -285,11 +286,10 @@ def test_votes_between_runs_refuse_more_stretches_than_the_brute_force_takes():
 def _chained(steps, flips_after=()):
     """(K, 4, 4) poses of the key frames chained from ``steps`` (K − 1, 4, 4), each step after a
     junction in ``flips_after`` mirrored through the image plane (its out-of-plane sign flipped)."""
-    mirror_z = np.diag([1.0, 1.0, -1.0, 1.0])
     poses = [np.eye(4)]
     for m, step in enumerate(steps):
         flipped = sum(m > end for end in flips_after) % 2
-        poses.append(poses[-1] @ (mirror_z @ step @ mirror_z if flipped else step))
+        poses.append(poses[-1] @ (MIRROR @ step @ MIRROR if flipped else step))
     return np.array(poses)
 
 
