@@ -1,4 +1,4 @@
-"""Do crossing image planes share their line of speckle, and can that decide a sign junction?
+"""Do crossing image planes share their line of anatomy, and can that decide a sign junction?
 
 Usage:
     python benchmarks/crossing_lines.py DATA_DIR [DATA_DIR ...] --model CALIB.json [--pairs 40]
@@ -20,7 +20,7 @@ Per scan: the frames are measured and the trajectory estimated as
 direction. Each key junction (between key steps that both move ≥ ``MIN_STEP_MM`` RMS at the
 anchors) is *wrong* when the estimated and the true poses disagree on whether the two steps go
 the same way. All wrong junctions and every ``--every``-th right one are tested: over up to
-``--pairs`` random pairs ``i ≤ k < j`` whose planes cross (sine of the angle ≥ ``MIN_SINE``), the
+``--pairs`` random pairs ``i ≤ k < j`` whose planes cross (see ``line_correlation``), the
 flip gain is the mean line correlation with the motion after ``k`` mirrored through frame ``k``'s
 plane, minus that with the poses as they are (column ``line ρ``: the mean of the latter over the
 tested junctions' pairs). This is done twice, on the true poses and on the estimated ones. On the
@@ -28,105 +28,34 @@ true poses a flip should lower the line correlation at every junction. On the es
 test decides a junction when the gain is positive where the junction is wrong and negative where
 it is right.
 
-Line correlation: the frames ``meas.stack`` (smoothed as the model measures), minus a Gaussian
-blur of ``HIGHPASS_PX`` (the tissue's slow brightness would correlate any two lines), are sampled
-every ``STEP_MM`` along the intersection line inside both fans and deeper than ``MIN_DEPTH_MM``
-(bilinear), and correlated (Pearson). The high-passed stack is held in memory as float32 (300 MB
-for 1000 frames at 240×320, 2 GB for 1600 frames at 480×640).
+Line correlation: :func:`speckle_rec.crossing.line_correlation` of the band-passed frames
+(:func:`speckle_rec.crossing.band_pass` of ``meas.stack``, the frames smoothed as the model
+measures), as the slide stage's step 3 uses it; there the pairs come only from the two runs of key
+steps beside an unlinked quiet stretch (:func:`speckle_rec.crossing.flip_gain`), here from the whole
+scan. The band-passed stack is held in memory as float32 (300 MB for 1000 frames at 240×320, 2 GB
+for 1600 frames at 480×640).
 """
 
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
-from scipy.ndimage import map_coordinates
 
 from cli.output import format_table, write_json
 from speckle_rec import trajectory
+from speckle_rec.crossing import band_pass, flipped_after, line_correlation
 from speckle_rec.decorrelation import DecorrelationModel
-from speckle_rec.direction import MIRROR, first_direction, mirror
+from speckle_rec.direction import first_direction, mirror
 from speckle_rec.evaluate import ScanTruth
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
 
-HIGHPASS_PX = 8.0
-STEP_MM = 0.1
-MIN_DEPTH_MM = 4.0
-MIN_POINTS = 50
-MIN_SINE = 0.2
 MIN_STEP_MM = 0.1
 
 
-def highpass(stack):
-    """(N, H, W) float32 frames minus their Gaussian blur of ``HIGHPASS_PX``."""
-    out = np.empty(stack.shape, np.float32)
-    for k, frame in enumerate(stack):
-        frame = frame.astype(np.float32)
-        out[k] = frame - cv2.GaussianBlur(frame, (0, 0), HIGHPASS_PX, borderType=cv2.BORDER_REPLICATE)
-    return out
-
-
-def line_correlation(image_i, image_j, mask, spacing, j_to_i):
-    """Pearson correlation of two frames along the line where frame j's plane crosses frame i's.
-
-    Parameters
-    ----------
-    image_i, image_j : (H, W) float32 ndarray
-        High-passed frames.
-    mask : (H, W) bool ndarray
-        Imaged region (the fan), shared by both frames.
-    spacing : (float, float)
-        (sx, sy) mm per pixel; pixel (column c, row r) is at image-mm ((c + 1)·sx, (r + 1)·sy).
-    j_to_i : (4, 4) ndarray
-        Rigid transform from frame j's image-mm coordinates to frame i's.
-
-    Returns
-    -------
-    float
-        NaN when the planes cross at a sine below ``MIN_SINE`` or fewer than ``MIN_POINTS`` line
-        samples lie inside both fans deeper than ``MIN_DEPTH_MM``.
-    """
-    sx, sy = spacing
-    h, w = mask.shape
-    a, b, c = j_to_i[2, 0], j_to_i[2, 1], j_to_i[2, 3]  # frame i's elevation of j's point (x, y)
-    sine = np.hypot(a, b)
-    if sine < MIN_SINE:
-        return np.nan
-    direction = np.array([-b, a]) / sine
-    foot = -c * np.array([a, b]) / sine**2
-    reach = np.hypot(sx * w, sy * h)
-    t = np.arange(-reach, reach, STEP_MM)
-    xj, yj = foot[0] + t * direction[0], foot[1] + t * direction[1]
-    xi = j_to_i[0, 0] * xj + j_to_i[0, 1] * yj + j_to_i[0, 3]
-    yi = j_to_i[1, 0] * xj + j_to_i[1, 1] * yj + j_to_i[1, 3]
-
-    def pixels(x, y):
-        return [y / sy - 1.0, x / sx - 1.0]
-
-    fan = mask.astype(np.float32)
-    inside = ((map_coordinates(fan, pixels(xi, yi), order=1, cval=0.0) > 0.99)
-              & (map_coordinates(fan, pixels(xj, yj), order=1, cval=0.0) > 0.99)
-              & (yi > MIN_DEPTH_MM) & (yj > MIN_DEPTH_MM))
-    if inside.sum() < MIN_POINTS:
-        return np.nan
-    vi = map_coordinates(image_i, pixels(xi[inside], yi[inside]), order=1)
-    vj = map_coordinates(image_j, pixels(xj[inside], yj[inside]), order=1)
-    vi, vj = vi - vi.mean(), vj - vj.mean()
-    norm = np.sqrt(np.sum(vi * vi) * np.sum(vj * vj))
-    return float(np.sum(vi * vj) / norm) if norm > 0 else np.nan
-
-
-def flipped_after(poses, k):
-    """(N, 4, 4) frame → frame 0 poses with the motion after frame ``k`` mirrored through frame k's plane."""
-    out = poses.copy()
-    out[k + 1:] = poses[k] @ MIRROR @ np.linalg.solve(poses[k], poses[k + 1:]) @ MIRROR
-    return out
-
-
-def flip_gain(images, mask, spacing, poses, k, rng, pairs):
+def sampled_gain(images, mask, spacing, poses, k, rng, pairs):
     """Flipping the motion after frame k, over random crossing pairs i ≤ k < j: (mean gain, mean line
     correlation with the poses as they are, pairs used); NaNs when no pair crosses."""
     n = poses.shape[0]
@@ -174,14 +103,14 @@ def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
     wrong = estimated_relation != true_relation
     right_index = np.nonzero(moving & ~wrong)[0]
     tested = np.union1d(np.nonzero(moving & wrong)[0], right_index[::every])
-    images = highpass(meas.stack)
+    images = band_pass(meas.stack, meas.spacing)
     rng = np.random.default_rng(seed)
     rows = []
     for m in tested:
         k = int(keys[m + 1])
         row = {"frame": k, "wrong": bool(wrong[m])}
         for name, poses in (("true", true), ("estimated", estimated)):
-            row[f"gain_{name}"], row[f"rho_{name}"], row[f"pairs_{name}"] = flip_gain(
+            row[f"gain_{name}"], row[f"rho_{name}"], row[f"pairs_{name}"] = sampled_gain(
                 images, meas.mask, meas.spacing, poses, k, rng, pairs)
         rows.append(row)
     return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows}

@@ -381,7 +381,9 @@ def vote_between_segments(signs, segment, first, second, cosine, *, min_pairs, m
     signs : (M,) int ndarray
         A new array.
     counts : dict
-        ``runs``, ``run_pairs_voting`` (pairs of runs with enough pairs) and ``flipped``.
+        ``runs``, ``run_pairs_voting`` (pairs of runs with enough pairs), ``flipped`` and
+        ``unlinked``: the stretches (indices into :func:`quiet_stretches`) that no voting pair of
+        runs spans, whose relation the pairs left as it was.
     """
     signs = np.array(signs, dtype=np.int64)
     runs = int(segment.max()) + 1 if segment.size else 1
@@ -393,7 +395,8 @@ def vote_between_segments(signs, segment, first, second, cosine, *, min_pairs, m
     at = (segment[first[across]], segment[second[across]])
     np.add.at(votes, at, signs[first[across]] * signs[second[across]] * cosine[across])
     np.add.at(count, at, 1)
-    votes[count < min_pairs] = 0.0
+    voting = count >= min_pairs
+    votes[~voting] = 0.0
     margins = np.zeros(runs - 1) if margins is None else np.asarray(margins, dtype=np.float64)
     choices = np.array(list(itertools.product((1, -1), repeat=runs - 1)), np.int64)
     choices = choices.reshape(2 ** (runs - 1), runs - 1)
@@ -403,8 +406,11 @@ def vote_between_segments(signs, segment, first, second, cosine, *, min_pairs, m
     # the best agreement (up to rounding), then the fewest flips, then the least sure stretches
     best = np.lexsort((flipped @ margins, flipped.sum(axis=1), -np.round(agreement, 9)))[0]
     signs *= factors[best][segment]
-    return signs, {"runs": runs, "run_pairs_voting": int(np.sum(votes != 0)),
-                   "flipped": int(flipped[best].sum())}
+    # stretch s lies between runs s and s + 1: pairs of runs i <= s < j span it
+    spanned = [bool(voting[:s + 1, s + 1:].any()) for s in range(runs - 1)]
+    return signs, {"runs": runs, "run_pairs_voting": int(voting.sum()),
+                   "flipped": int(flipped[best].sum()),
+                   "unlinked": [s for s in range(runs - 1) if not spanned[s]]}
 
 
 __all__ = ["moving_steps", "paired_steps", "quiet_stretches", "same_view_pairs", "segments", "slide_fields",

@@ -20,10 +20,12 @@ Stages (timed in ``diagnostics["seconds"]``)
    Then, on a scan that fans about a fixed skin contact (the pivot prior is on; ``slide=False``
    skips this), the relation across each quiet stretch (key steps that hardly move out of plane)
    is put to a vote of same-view key steps on its two sides by the anatomy slide
-   (:mod:`speckle_rec.slide`; one sparse flow per moving key step with a same-view partner), and
+   (:mod:`speckle_rec.slide`; one sparse flow per moving key step with a same-view partner),
    then the relations at all stretches together to the same-view pairs between any two runs of
-   steps they separate (:func:`_slide_across_quiet_stretches`). Sweeps do not come back to a
-   view; before this gate the stage flipped a stretch of one wrongly (``benchmarks/README.md``).
+   steps they separate, and at a stretch that no such pairs span, to the anatomy that frames of
+   the runs beside it share where their planes cross (:mod:`speckle_rec.crossing`;
+   :func:`_slide_across_quiet_stretches`). Sweeps do not come back to a view; before this gate
+   the stage flipped a stretch of one wrongly (``benchmarks/README.md``).
    On a scan without a fixed contact (a sweep; ``level_sweeps=False`` skips this), the depth
    gradient of the curves' σ is fitted instead so that the sweep ends at the tilt about image x it
    started with (:func:`_level_sweep`): a translation's frames cannot tell that tilt from a depth
@@ -64,6 +66,7 @@ from scipy.spatial.transform import Rotation
 from ._patch_kernels import patch_ncc_kernel
 from .decorrelation import DecorrelationModel
 from .direction import first_direction as _first_direction
+from .crossing import band_pass, flip_gain, spread_frames
 from .direction import mirror, resolve_signs, triplet_costs
 from .errors import DataError
 from .inplane import (
@@ -714,7 +717,9 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
        spin, to the fan before the rock), out of the window's reach. Only pairs whose key frames,
        chained from the key steps, come within ``MAX_VIEW_MM`` of each other under some relation
        at the stretches between them vote: thumbnails of planes 90° apart can look alike
-       (:func:`speckle_rec.slide.view_distances`).
+       (:func:`speckle_rec.slide.view_distances`);
+    3. at each stretch that no voting pair of runs spans (the spin leaves the fan's views for good),
+       the crossing frames of the two runs beside it decide (:func:`_cross_unlinked_stretches`).
 
     Returns the signs and a diagnostics dict.
     """
@@ -748,8 +753,57 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
         signs, runs = vote_between_segments(signs, segment, first[near], second[near], cosine[near],
                                             min_pairs=SLIDE_MIN_PAIRS, margins=margins)
         runs = dict(runs, pairs_across=int(across.size), pairs_near=int(near.size))
+        signs, lines = _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches,
+                                                 runs["unlinked"])
+        runs = dict(runs, lines=lines)
     return signs, dict(counts, flows=int(steps.size), same_view_pairs=int(first.size), runs=runs,
                        seconds=round(time.perf_counter() - clock, 3))
+
+
+CROSS_MIN_TRAVEL_MM = 5.0  # out-of-plane travel of each run beside a stretch; less hardly crosses planes
+CROSS_MIN_PAIRS = 20  # crossing pairs a flip gain needs
+CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more than this (its noise)
+
+
+def _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches, unlinked):
+    """Step 3 of the slide stage: the relation at each unlinked quiet stretch from crossing lines.
+
+    At a stretch that no voting pair of runs spans, the frames of the run before it and of the run
+    after it (their moving steps, ``FRAMES_PER_SIDE`` each, both with ``CROSS_MIN_TRAVEL_MM`` of
+    travel) are paired, chained from the signed key steps, and the relation is flipped when
+    mirroring the motion after the stretch raises their mean line correlation on band-passed
+    frames by more than ``CROSS_MIN_GAIN`` (:func:`speckle_rec.crossing.flip_gain`). Flips at
+    unlinked stretches change no vote of step 2, and reflecting both runs of a later stretch leaves
+    its gain as it was, so the stretches are decided one by one.
+
+    Returns the signs and a diagnostics dict: per tested stretch its first step, gain and pairs.
+    """
+    signs = np.array(signs, dtype=np.int64)
+    moving = moving_steps(elevation)
+    travel = np.sqrt(np.mean(np.square(elevation), axis=1))
+    segment = segments(moving)
+    poses = None
+    tested = []
+    for s in unlinked:
+        start, end = stretches[s]
+        before = np.flatnonzero((segment == s) & moving)
+        after = np.flatnonzero((segment == s + 1) & moving)
+        if travel[before].sum() < CROSS_MIN_TRAVEL_MM or travel[after].sum() < CROSS_MIN_TRAVEL_MM:
+            continue
+        if poses is None:
+            poses = _initial_poses(meas, keys, planes, signs)
+        k = int(keys[end + 1])
+        first = spread_frames(keys[before[0]], keys[before[-1] + 1])
+        second = spread_frames(k + 1, keys[after[-1] + 1])
+        frames = np.concatenate([first, second])
+        images = dict(zip(frames.tolist(), band_pass(meas.stack[frames], meas.spacing)))
+        gain, pairs = flip_gain(images, meas.mask, meas.spacing, poses, k, first, second)
+        flip = bool(pairs >= CROSS_MIN_PAIRS and gain > CROSS_MIN_GAIN)
+        if flip:
+            signs[end + 1:] *= -1
+        tested.append({"stretch": int(s), "frame": k, "gain": round(gain, 4) if pairs else None,
+                       "pairs": int(pairs), "flipped": flip})
+    return signs, {"tested": tested, "flipped": sum(t["flipped"] for t in tested)}
 
 
 LEVEL_MIN_TRAVEL_MM = 20.0  # net out-of-plane travel below which a scan is not levelled

@@ -287,58 +287,6 @@ def test_revisits_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_crossing_line_correlation_follows_the_transform():
-    import cv2
-
-    crossing_lines = benchmark_script("crossing_lines")
-    rng = np.random.default_rng(11)
-    spacing = (0.2, 0.2)
-    texture = cv2.GaussianBlur(rng.normal(size=(200, 240)).astype(np.float32), (0, 0), 1.0)
-    shift_px = 10
-    image_j = texture
-    image_i = np.roll(texture, shift_px, axis=1)  # frame i sees column c of frame j at c + 10
-    mask = np.zeros((200, 240), bool)
-    mask[5:195, 20:220] = True
-    x0 = (100 + 1) * spacing[0]  # column 100 in mm
-
-    def turn_about_column(angle_deg, shift_mm):
-        # frame j's plane turned about its vertical line x = x0, then moved along frame i's x
-        c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-        rotation = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-        out = np.eye(4)
-        out[:3, :3] = rotation
-        out[:3, 3] = np.array([x0, 0.0, 0.0]) - rotation @ np.array([x0, 0.0, 0.0]) + [shift_mm, 0.0, 0.0]
-        return out
-
-    shared = crossing_lines.line_correlation(image_i, image_j, mask, spacing,
-                                             turn_about_column(60.0, shift_px * spacing[0]))
-    assert shared > 0.99
-    # the same crossing without the shift samples frame i 2 mm away from the shared tissue
-    elsewhere = crossing_lines.line_correlation(image_i, image_j, mask, spacing, turn_about_column(60.0, 0.0))
-    assert abs(elsewhere) < 0.3
-    # planes within ~11 degrees of parallel have no well-defined line
-    assert math.isnan(crossing_lines.line_correlation(image_i, image_j, mask, spacing,
-                                                      turn_about_column(5.0, shift_px * spacing[0])))
-
-
-def test_crossing_lines_flip_mirrors_only_the_motion_after_k():
-    from speckle_rec.direction import MIRROR
-    from speckle_rec.transforms import matrices_from_params
-
-    crossing_lines = benchmark_script("crossing_lines")
-    rng = np.random.default_rng(4)
-    params = np.concatenate([rng.normal(0, 0.3, (8, 3)), rng.normal(0, 5, (8, 3))], axis=1)
-    poses = matrices_from_params(params)
-    poses[0] = np.eye(4)
-    flipped = crossing_lines.flipped_after(poses, 3)
-    assert np.array_equal(flipped[:4], poses[:4])
-    for j in range(4, 8):
-        assert np.allclose(np.linalg.solve(flipped[3], flipped[j]),
-                           MIRROR @ np.linalg.solve(poses[3], poses[j]) @ MIRROR, atol=1e-12)
-        assert not np.allclose(flipped[j], poses[j])
-    assert np.allclose(crossing_lines.flipped_after(flipped, 3), poses, atol=1e-12)
-
-
 def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     crossing_lines = benchmark_script("crossing_lines")
     data, model = tiny_rotation(tmp_path)

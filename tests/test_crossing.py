@@ -1,5 +1,6 @@
 """Crossing planes (speckle_rec.crossing): band-pass, line correlation, flipped poses, flip gain."""
 
+import cv2
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter, map_coordinates
@@ -77,7 +78,8 @@ def test_line_correlation_of_crossing_frames_high_on_true_poses_and_low_on_mirro
     true = crossing.line_correlation(images[i], images[j], mask, SPACING, np.linalg.solve(poses[i], poses[j]))
     assert true > 0.9
     wrong = crossing.flipped_after(poses, 4)
-    moved = crossing.line_correlation(images[i], images[j], mask, SPACING, np.linalg.solve(wrong[i], wrong[j]))
+    moved = crossing.line_correlation(images[i], images[j], mask, SPACING,
+                                      np.linalg.solve(wrong[i], wrong[j]))
     assert moved < 0.5
     # parallel planes share no line; a fan outside the mask leaves too few samples
     assert np.isnan(crossing.line_correlation(images[0], images[1], mask, SPACING, np.eye(4)))
@@ -102,13 +104,42 @@ def test_line_correlation_samples_the_shared_line():
     assert np.isnan(crossing.line_correlation(image_i, image_j, mask, SPACING, j_to_i))
 
 
+def test_line_correlation_follows_the_transform():
+    rng = np.random.default_rng(11)
+    spacing = (0.2, 0.2)
+    texture = cv2.GaussianBlur(rng.normal(size=(200, 240)).astype(np.float32), (0, 0), 1.0)
+    shift_px = 10
+    image_j = texture
+    image_i = np.roll(texture, shift_px, axis=1)  # frame i sees column c of frame j at c + 10
+    mask = np.zeros((200, 240), bool)
+    mask[5:195, 20:220] = True
+    x0 = (100 + 1) * spacing[0]  # column 100 in mm
+
+    def turn_about_column(angle_deg, shift_mm):
+        # frame j's plane turned about its vertical line x = x0, then moved along frame i's x
+        out = _about((0, 1, 0), angle_deg, (x0, 0.0, 0.0))
+        out[0, 3] += shift_mm
+        return out
+
+    shared = crossing.line_correlation(image_i, image_j, mask, spacing,
+                                       turn_about_column(60.0, shift_px * spacing[0]))
+    assert shared > 0.99
+    # the same crossing without the shift samples frame i 2 mm away from the shared tissue
+    elsewhere = crossing.line_correlation(image_i, image_j, mask, spacing, turn_about_column(60.0, 0.0))
+    assert abs(elsewhere) < 0.3
+    # planes within ~11 degrees of parallel have no well-defined line
+    assert np.isnan(crossing.line_correlation(image_i, image_j, mask, spacing,
+                                              turn_about_column(5.0, shift_px * spacing[0])))
+
+
 def test_flipped_after_mirrors_the_later_motion_through_frame_k():
     poses = _fan_then_spin()
     flipped = crossing.flipped_after(poses, 4)
     np.testing.assert_array_equal(flipped[:5], poses[:5])
     for j in range(5, 10):
         step = np.linalg.solve(poses[4], poses[j])
-        np.testing.assert_allclose(np.linalg.solve(flipped[4], flipped[j]), MIRROR @ step @ MIRROR, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.solve(flipped[4], flipped[j]), MIRROR @ step @ MIRROR,
+                                   atol=1e-12)
         assert np.linalg.det(flipped[j][:3, :3]) == pytest.approx(1.0)
     np.testing.assert_allclose(crossing.flipped_after(flipped, 4), poses, atol=1e-12)  # an involution
 

@@ -258,7 +258,7 @@ def test_votes_between_runs_choose_the_relations_at_all_stretches():
     signs, counts = slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=3,
                                                 margins=np.array([2.0, 1.0]))
     assert signs.tolist() == truth.tolist() and wrong[21] == -1  # a new array
-    assert counts == {"runs": 3, "run_pairs_voting": 1, "flipped": 1}
+    assert counts == {"runs": 3, "run_pairs_voting": 1, "flipped": 1, "unlinked": []}  # 0-2 spans both
     # the first stretch's relation is the less sure: it flips instead (one flip either way)
     other = slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=3,
                                         margins=np.array([1.0, 2.0]))[0]
@@ -267,13 +267,16 @@ def test_votes_between_runs_choose_the_relations_at_all_stretches():
     both = (np.append(first, [12, 13, 14]), np.append(second, [23, 24, 26]), np.append(cosine, [0.3] * 3))
     assert slide.vote_between_segments(wrong, segment, *both, min_pairs=3,
                                        margins=np.array([1.0, 2.0]))[0].tolist() == truth.tolist()
+    # pairs run 1 - run 2 alone span only the second stretch: the first is unlinked
+    later = slide.vote_between_segments(wrong, segment, *(part[3:] for part in both), min_pairs=3)
+    assert later[0].tolist() == truth.tolist() and later[1]["unlinked"] == [0]
     # too few pairs, or right signs: nothing changes; pairs within a run never vote
-    assert slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=4)[0].tolist() \
-        == wrong.tolist()
+    few = slide.vote_between_segments(wrong, segment, first, second, cosine, min_pairs=4)
+    assert few[0].tolist() == wrong.tolist() and few[1]["unlinked"] == [0, 1]
     assert slide.vote_between_segments(truth, segment, first, second, cosine, min_pairs=3)[1]["flipped"] == 0
     inside = (np.array([0, 1, 2]), np.array([25, 26, 27]), np.array([-0.5, -0.5, -0.5]))
     assert slide.vote_between_segments(truth, np.zeros(30, np.int64), *inside, min_pairs=1)[1] \
-        == {"runs": 1, "run_pairs_voting": 0, "flipped": 0}
+        == {"runs": 1, "run_pairs_voting": 0, "flipped": 0, "unlinked": []}
 
 
 def test_votes_between_runs_refuse_more_stretches_than_the_brute_force_takes():

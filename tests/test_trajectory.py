@@ -409,14 +409,38 @@ def test_slide_option_leaves_sweeps_alone(rendered):
     assert np.array_equal(forced.frame_to_first, pivoted.frame_to_first)
 
 
-def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch):
-    """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
-    first quiet stretch flipped, the slide votes flip them back, near the stretch or, out of the
-    window's reach, between the runs of steps it separates."""
-    frames = simulate_scan(1000, protocol="rotation", probe=MEDIUM, seed=2).frames[0:300]
+@pytest.fixture(scope="module")
+def rotation_frames():
+    """A rendered 1000-frame rotation scan's frames (240×320)."""
+    return simulate_scan(1000, protocol="rotation", probe=MEDIUM, seed=2).frames
+
+
+def _measured(frames):
     opts = T._check_options({"slide": False})
     meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, DecorrelationModel.default(),
                       opts, 2, False)
+    return meas, opts
+
+
+def _breaking_stretch(monkeypatch, keys, which):
+    """Make the sign DP flip every sign after quiet stretch ``which``."""
+    dp = T.resolve_signs
+
+    def broken(velocity, **kwargs):
+        found = dp(velocity, **kwargs)
+        _, end = quiet_stretches(moving_steps(velocity * np.diff(keys)[:, None]))[which]
+        signs = found.signs.copy()
+        signs[end + 1:] *= -1
+        return SignResolution(signs, found.flip_margin, found.cost)
+
+    monkeypatch.setattr(T, "resolve_signs", broken)
+
+
+def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch, rotation_frames):
+    """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
+    first quiet stretch flipped, the slide votes flip them back, near the stretch or, out of the
+    window's reach, between the runs of steps it separates."""
+    meas, opts = _measured(rotation_frames[0:300])
     plain = T._estimate(meas, opts, False, {}, threads=2).diagnostics
     slid = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     counts = slid["signs"]["slide"]
@@ -425,16 +449,7 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     assert 0 < counts["flows"] < len(plain["key_signs"])  # moving steps with a far same-view partner
     assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
 
-    keys, dp = np.array(plain["key_frames"]), T.resolve_signs
-
-    def broken(velocity, **kwargs):
-        found = dp(velocity, **kwargs)
-        _, end = quiet_stretches(moving_steps(velocity * np.diff(keys)[:, None]))[0]
-        signs = found.signs.copy()
-        signs[end + 1:] *= -1
-        return SignResolution(signs, found.flip_margin, found.cost)
-
-    monkeypatch.setattr(T, "resolve_signs", broken)
+    _breaking_stretch(monkeypatch, np.array(plain["key_frames"]), 0)
     mended = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     assert mended["signs"]["slide"]["flipped"] == 1 and mended["signs"]["slide"]["moved"] == 0
     assert mended["signs"]["slide"]["runs"]["flipped"] == 0 and mended["key_signs"] == plain["key_signs"]
@@ -443,6 +458,30 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     assert far["signs"]["slide"]["decided"] == 0 and far["signs"]["slide"]["runs"]["flipped"] == 1
     assert far["key_signs"] == plain["key_signs"]
     assert T._estimate(meas, opts, False, {}, threads=2).diagnostics["key_signs"] != plain["key_signs"]
+
+
+def test_crossing_lines_restore_a_relation_no_same_view_pair_spans(monkeypatch, rotation_frames):
+    """Wiring of the slide stage's step 3 on frames 450-999 of a rotation scan (one quiet stretch,
+    between a fan and the spin): with no same-view pair voting, the crossing frames' line correlation
+    keeps the DP's relation, and restores it when the DP's signs after the stretch are flipped."""
+    meas, opts = _measured(rotation_frames[450:1000])
+    monkeypatch.setattr(T, "SLIDE_WINDOW", 0)
+    monkeypatch.setattr(T, "MAX_VIEW_MM", -1.0)  # no pair between runs votes
+    plain = T._estimate(meas, opts, False, {}, threads=2).diagnostics
+    kept = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+    runs = kept["signs"]["slide"]["runs"]
+    assert runs["run_pairs_voting"] == 0 and runs["unlinked"] == [0]
+    (tested,) = runs["lines"]["tested"]  # measured: gain −0.72 over 176 pairs
+    assert tested["pairs"] >= T.CROSS_MIN_PAIRS and tested["gain"] < -0.3 and not tested["flipped"]
+    assert kept["key_signs"] == plain["key_signs"]
+
+    _breaking_stretch(monkeypatch, np.array(plain["key_frames"]), 0)
+    mended = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+    (tested,) = mended["signs"]["slide"]["runs"]["lines"]["tested"]
+    assert tested["gain"] > 0.3 and tested["flipped"] and mended["key_signs"] == plain["key_signs"]
+    monkeypatch.setattr(T, "CROSS_MIN_TRAVEL_MM", 1e3)  # runs too short to test: the break stays
+    left = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+    assert left["signs"]["slide"]["runs"]["lines"]["tested"] == [] and left["key_signs"] != plain["key_signs"]
 
 
 def test_few_frames(rendered):
