@@ -766,43 +766,49 @@ CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more tha
 
 
 def _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches, unlinked):
-    """Step 3 of the slide stage: the relation at each unlinked quiet stretch from crossing lines.
+    """Step 3 of the slide stage: relations that no same-view pair decided, from crossing lines.
 
-    At a stretch that no voting pair of runs spans, the frames of the run before it and of the run
-    after it (their moving steps, ``FRAMES_PER_SIDE`` each, both with ``CROSS_MIN_TRAVEL_MM`` of
-    travel) are paired, chained from the signed key steps, and the relation is flipped when
-    mirroring the motion after the stretch raises their mean line correlation on band-passed
-    frames by more than ``CROSS_MIN_GAIN`` (:func:`speckle_rec.crossing.flip_gain`). Flips at
-    unlinked stretches change no vote of step 2, and reflecting both runs of a later stretch leaves
-    its gain as it was, so the stretches are decided one by one.
+    Runs of key steps with ``CROSS_MIN_TRAVEL_MM`` of out-of-plane travel or more are *major*; the
+    quiet stretches between two consecutive major runs (with the runs between them, which hardly
+    move: the protocol's rock often holds a few short moves) set the relation of the two. Where
+    one of those stretches is unlinked (no voting pair of runs spans it), ``FRAMES_PER_SIDE``
+    frames of each major run's moving steps are paired, chained from the signed key steps, and
+    the relation at the last unlinked stretch is flipped when mirroring the motion after it raises
+    their mean line correlation on band-passed frames by more than ``CROSS_MIN_GAIN``
+    (:func:`speckle_rec.crossing.flip_gain`). Flips at unlinked stretches change no vote of
+    step 2, and reflecting both runs of a later pair leaves its gain as it was, so the pairs of
+    runs are decided one by one.
 
-    Returns the signs and a diagnostics dict: per tested stretch its first step, gain and pairs.
+    Returns the signs and a diagnostics dict: per test its stretch, major runs, first frame after
+    the stretch, gain, pairs and whether it flipped.
     """
     signs = np.array(signs, dtype=np.int64)
     moving = moving_steps(elevation)
-    travel = np.sqrt(np.mean(np.square(elevation), axis=1))
+    travel = np.sqrt(np.mean(np.square(elevation), axis=1)) * moving
     segment = segments(moving)
+    major = np.flatnonzero(np.bincount(segment, weights=travel) >= CROSS_MIN_TRAVEL_MM)
     poses = None
     tested = []
-    for s in unlinked:
-        start, end = stretches[s]
-        before = np.flatnonzero((segment == s) & moving)
-        after = np.flatnonzero((segment == s + 1) & moving)
-        if travel[before].sum() < CROSS_MIN_TRAVEL_MM or travel[after].sum() < CROSS_MIN_TRAVEL_MM:
+    for r1, r2 in zip(major[:-1].tolist(), major[1:].tolist()):
+        free = [s for s in range(r1, r2) if s in unlinked]
+        if not free:
             continue
         if poses is None:
             poses = _initial_poses(meas, keys, planes, signs)
+        end = stretches[free[-1]][1]
         k = int(keys[end + 1])
+        before = np.flatnonzero((segment == r1) & moving)
+        after = np.flatnonzero((segment == r2) & moving)
         first = spread_frames(keys[before[0]], keys[before[-1] + 1])
-        second = spread_frames(k + 1, keys[after[-1] + 1])
+        second = spread_frames(max(k + 1, keys[after[0]]), keys[after[-1] + 1])
         frames = np.concatenate([first, second])
         images = dict(zip(frames.tolist(), band_pass(meas.stack[frames], meas.spacing)))
         gain, pairs = flip_gain(images, meas.mask, meas.spacing, poses, k, first, second)
         flip = bool(pairs >= CROSS_MIN_PAIRS and gain > CROSS_MIN_GAIN)
         if flip:
             signs[end + 1:] *= -1
-        tested.append({"stretch": int(s), "frame": k, "gain": round(gain, 4) if pairs else None,
-                       "pairs": int(pairs), "flipped": flip})
+        tested.append({"stretch": free[-1], "runs": [r1, r2], "frame": k,
+                       "gain": round(gain, 4) if pairs else None, "pairs": int(pairs), "flipped": flip})
     return signs, {"tested": tested, "flipped": sum(t["flipped"] for t in tested)}
 
 

@@ -460,6 +460,42 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     assert T._estimate(meas, opts, False, {}, threads=2).diagnostics["key_signs"] != plain["key_signs"]
 
 
+def test_crossing_lines_pair_the_major_runs_around_unlinked_stretches(monkeypatch):
+    """Step 3's choice of runs and junctions: runs of ≥ CROSS_MIN_TRAVEL_MM (here 0, 2 and 3) are
+    paired across the stretches between them (the 0.4 mm run 1 is passed over), tested at their
+    last unlinked stretch, and flipped there only when the gain clears CROSS_MIN_GAIN."""
+    step_mm = np.zeros(38)
+    step_mm[0:10] = step_mm[16:26] = step_mm[28:38] = 1.0
+    step_mm[12:14] = 0.2  # a minor run inside the rock
+    elevation = step_mm[:, None]
+    stretches = quiet_stretches(moving_steps(elevation))
+    assert stretches == [(10, 11), (14, 15), (26, 27)]
+    keys = np.arange(39) * 10
+    meas = type("Meas", (), {"stack": np.zeros((381, 8, 8), np.uint8), "mask": np.ones((8, 8), bool),
+                             "spacing": (0.2, 0.2)})()
+    monkeypatch.setattr(T, "_initial_poses", lambda *args: np.tile(np.eye(4), (381, 1, 1)))
+    calls = []
+
+    def gain_of(images, mask, spacing, poses, k, before, after):
+        calls.append((k, before.min(), before.max(), after.min(), after.max()))
+        assert set(images) == set(before.tolist()) | set(after.tolist())
+        return {160: 0.05, 280: -0.2, 120: T.CROSS_MIN_GAIN}[k], T.CROSS_MIN_PAIRS
+
+    monkeypatch.setattr(T, "flip_gain", gain_of)
+    signs = np.ones(38, np.int64)
+    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [0, 1, 2])
+    assert calls == [(160, 0, 100, 161, 260), (280, 160, 260, 281, 380)]  # runs 0-2 at stretch 1, 2-3
+    assert [(t["stretch"], t["runs"], t["flipped"]) for t in info["tested"]] == [(1, [0, 2], True),
+                                                                                 (2, [2, 3], False)]
+    assert out.tolist() == [1] * 16 + [-1] * 22 and signs.tolist() == [1] * 38 and info["flipped"] == 1
+    calls.clear()
+    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [0])
+    assert calls == [(120, 0, 100, 160, 260)] and not info["tested"][0]["flipped"]  # a gain at the margin
+    assert out.tolist() == signs.tolist()
+    assert T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [])[1] == {
+        "tested": [], "flipped": 0}
+
+
 def test_crossing_lines_restore_a_relation_no_same_view_pair_spans(monkeypatch, rotation_frames):
     """Wiring of the slide stage's step 3 on frames 450-999 of a rotation scan (one quiet stretch,
     between a fan and the spin): with no same-view pair voting, the crossing frames' line correlation
