@@ -13,9 +13,10 @@ Gaussian of ``BAND_MM[0]`` minus one of ``BAND_MM[1]``), which keeps the structu
 and drops the speckle and the slow brightness every frame shares. ``benchmarks/crossing_lines.py``
 measures the cue and ``benchmarks/README.md`` what it does to the rotation scores.
 
-:func:`speckle_rec.trajectory.estimate_trajectory` uses it (step 3 of the slide stage) only at the
-quiet stretches that no same-view pairs span (:func:`speckle_rec.slide.vote_between_segments`),
-with pairs drawn from the two runs of key steps beside the stretch (:func:`flip_gain`).
+:func:`speckle_rec.trajectory.estimate_trajectory` uses it (step 3 of the slide stage) only where
+no same-view pairs span the quiet stretches between two runs of key steps that travel out of plane
+(:func:`speckle_rec.slide.vote_between_segments`), with pairs drawn from those two runs
+(:func:`flip_gain`).
 """
 
 import cv2

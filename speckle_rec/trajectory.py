@@ -22,8 +22,8 @@ Stages (timed in ``diagnostics["seconds"]``)
    is put to a vote of same-view key steps on its two sides by the anatomy slide
    (:mod:`speckle_rec.slide`; one sparse flow per moving key step with a same-view partner),
    then the relations at all stretches together to the same-view pairs between any two runs of
-   steps they separate, and at a stretch that no such pairs span, to the anatomy that frames of
-   the runs beside it share where their planes cross (:mod:`speckle_rec.crossing`;
+   steps they separate, and where no such pairs span a stretch, to the anatomy that frames of
+   the runs on either side share where their planes cross (:mod:`speckle_rec.crossing`;
    :func:`_slide_across_quiet_stretches`). Sweeps do not come back to a view; before this gate
    the stage flipped a stretch of one wrongly (``benchmarks/README.md``).
    On a scan without a fixed contact (a sweep; ``level_sweeps=False`` skips this), the depth
@@ -64,9 +64,9 @@ from scipy.sparse.linalg import spsolve
 from scipy.spatial.transform import Rotation
 
 from ._patch_kernels import patch_ncc_kernel
+from .crossing import band_pass, flip_gain, spread_frames
 from .decorrelation import DecorrelationModel
 from .direction import first_direction as _first_direction
-from .crossing import band_pass, flip_gain, spread_frames
 from .direction import mirror, resolve_signs, triplet_costs
 from .errors import DataError
 from .inplane import (
@@ -718,8 +718,9 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
        chained from the key steps, come within ``MAX_VIEW_MM`` of each other under some relation
        at the stretches between them vote: thumbnails of planes 90° apart can look alike
        (:func:`speckle_rec.slide.view_distances`);
-    3. at each stretch that no voting pair of runs spans (the spin leaves the fan's views for good),
-       the crossing frames of the two runs beside it decide (:func:`_cross_unlinked_stretches`).
+    3. where no voting pair of runs spans the stretches between two runs that travel
+       ``CROSS_MIN_TRAVEL_MM`` or more (the spin leaves the fan's views for good), the crossing
+       frames of those two runs decide (:func:`_cross_unlinked_stretches`).
 
     Returns the signs and a diagnostics dict.
     """
@@ -760,9 +761,9 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
                        seconds=round(time.perf_counter() - clock, 3))
 
 
-CROSS_MIN_TRAVEL_MM = 5.0  # out-of-plane travel of each run beside a stretch; less hardly crosses planes
+CROSS_MIN_TRAVEL_MM = 5.0  # runs that travel less out of plane are passed over (their planes barely turn)
 CROSS_MIN_PAIRS = 20  # crossing pairs a flip gain needs
-CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more than this (its noise)
+CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more (benchmarks/README.md)
 
 
 def _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches, unlinked):
