@@ -43,10 +43,10 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
 Measured (simulated scans, ``benchmarks/accuracy.py``, 5 scans per protocol)
 -------------------------------------------------------------------------------
 Sweeps (linear, C, S; 1000 frames): 96-98 % of the moving frames get the right sign. Rotation
-protocol: 69 % (240×320) and 60 % (480×640) with the right global mirror; with the truth's
-relation across each quiet stretch the scores would rise from 0.57 (0.49 before the slide
-stage's vote between runs) to 0.74 on 43 scans at 240×320, and the relation that fails most is
-the spin's to the first fan (seeds 4 and 5 of the five). The rotation protocol
+protocol: 83 % (240×320) and 67 % (480×640) with the right global mirror; on 43 scans at 240×320
+the scores are 0.66 (0.57 before the slide stage's crossing lines, 0.49 before its vote between
+runs), 0.74 with the truth's relation across each quiet stretch, and the relation that fails most
+is the spin's to the first fan. The rotation protocol
 returns to the upright pose between its phases (fan, rock, spin, fan, rock), and the in-plane
 "rock" phase moves hardly at all out of plane: a phase's mirror relative to the previous one is
 then barely observable (only through pairs that straddle the quiet stretch with small tilts on
