@@ -722,6 +722,10 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
        ``CROSS_MIN_TRAVEL_MM`` or more (the spin leaves the fan's views for good), the crossing
        frames of those two runs decide (:func:`_cross_unlinked_stretches`).
 
+    With more than ``MAX_STRETCHES`` stretches (the rock's short moves can split its quiet phases
+    into many), steps 2 and 3 treat the runs that travel less than ``CROSS_MIN_TRAVEL_MM`` as part
+    of the stretches around them (:func:`_travelling_steps`; their steps' pairs do not vote).
+
     Returns the signs and a diagnostics dict.
     """
     clock = time.perf_counter()
@@ -740,21 +744,25 @@ def _slide_across_quiet_stretches(meas, keys, planes, elevation, dp, threads):
         first, second, cosine = same_view_pairs(fields, similarity, moving)
     signs, counts = vote_across_stretches(dp.signs, moving, first, second, cosine, window=SLIDE_WINDOW,
                                           min_pairs=SLIDE_MIN_PAIRS, margins=dp.flip_margin)
+    merged = len(stretches) > MAX_STRETCHES
+    if merged:  # the rock's short moves split its quiet phases: runs that hardly travel join them
+        moving = _travelling_steps(moving, elevation)
+        stretches = quiet_stretches(moving)
     if not stretches:
         runs = {"skipped": "no quiet stretch"}
     elif len(stretches) > MAX_STRETCHES:
         runs = {"skipped": f"more than {MAX_STRETCHES} quiet stretches"}
     else:
         segment = segments(moving)
-        across = np.flatnonzero(segment[first] != segment[second])
+        across = np.flatnonzero((segment[first] != segment[second]) & moving[first] & moving[second])
         poses = _initial_poses(meas, keys, planes, signs)[keys]
         points = np.stack([meas.grid.x_mm, meas.grid.y_mm], axis=1)
         near = across[view_distances(poses, first[across], second[across], segment, points) <= MAX_VIEW_MM]
         margins = np.array([dp.flip_margin[start - 1:end + 1].min() for start, end in stretches])
         signs, runs = vote_between_segments(signs, segment, first[near], second[near], cosine[near],
                                             min_pairs=SLIDE_MIN_PAIRS, margins=margins)
-        runs = dict(runs, pairs_across=int(across.size), pairs_near=int(near.size))
-        signs, lines = _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches,
+        runs = dict(runs, pairs_across=int(across.size), pairs_near=int(near.size), merged=merged)
+        signs, lines = _cross_unlinked_stretches(meas, keys, planes, elevation, moving, signs, stretches,
                                                  runs["unlinked"])
         runs = dict(runs, lines=lines)
     return signs, dict(counts, flows=int(steps.size), same_view_pairs=int(first.size), runs=runs,
@@ -766,7 +774,15 @@ CROSS_MIN_PAIRS = 20  # crossing pairs a flip gain needs
 CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more (benchmarks/README.md)
 
 
-def _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches, unlinked):
+def _travelling_steps(moving, elevation):
+    """(M,) bool: the moving key steps of runs (:func:`speckle_rec.slide.segments`) that travel
+    ``CROSS_MIN_TRAVEL_MM`` or more out of plane (RMS at the anchors, summed)."""
+    segment = segments(moving)
+    travel = np.sqrt(np.mean(np.square(elevation), axis=1)) * moving
+    return moving & (np.bincount(segment, weights=travel) >= CROSS_MIN_TRAVEL_MM)[segment]
+
+
+def _cross_unlinked_stretches(meas, keys, planes, elevation, moving, signs, stretches, unlinked):
     """Step 3 of the slide stage: relations that no same-view pair decided, from crossing lines.
 
     Runs of key steps with ``CROSS_MIN_TRAVEL_MM`` of out-of-plane travel or more are *major*; the
@@ -784,10 +800,8 @@ def _cross_unlinked_stretches(meas, keys, planes, elevation, signs, stretches, u
     the stretch, gain, pairs and whether it flipped.
     """
     signs = np.array(signs, dtype=np.int64)
-    moving = moving_steps(elevation)
-    travel = np.sqrt(np.mean(np.square(elevation), axis=1)) * moving
     segment = segments(moving)
-    major = np.flatnonzero(np.bincount(segment, weights=travel) >= CROSS_MIN_TRAVEL_MM)
+    major = np.unique(segment[_travelling_steps(moving, elevation)])
     poses = None
     tested = []
     for r1, r2 in zip(major[:-1].tolist(), major[1:].tolist()):

@@ -449,6 +449,18 @@ def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypat
     assert 0 < counts["flows"] < len(plain["key_signs"])  # moving steps with a far same-view partner
     assert counts["same_view_pairs"] >= 3 and slid["key_signs"] == plain["key_signs"]
 
+    # too many stretches for the brute force: runs travelling < 7 mm (measured: 5.6 and 6.5 mm of
+    # the four runs' 5.6, 32.1, 6.5, 8.4) join the stretches, and the two others make one
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "MAX_STRETCHES", 2)
+        patch.setattr(T, "CROSS_MIN_TRAVEL_MM", 7.0)
+        merged = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+        assert merged["signs"]["slide"]["runs"]["merged"] and merged["signs"]["slide"]["runs"]["runs"] == 2
+        assert merged["key_signs"] == plain["key_signs"]
+        patch.setattr(T, "CROSS_MIN_TRAVEL_MM", 5.0)  # all four travel: still three stretches
+        skipped = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
+        assert skipped["signs"]["slide"]["runs"] == {"skipped": "more than 2 quiet stretches"}
+
     _breaking_stretch(monkeypatch, np.array(plain["key_frames"]), 0)
     mended = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
     assert mended["signs"]["slide"]["flipped"] == 1 and mended["signs"]["slide"]["moved"] == 0
@@ -468,7 +480,8 @@ def test_crossing_lines_pair_the_major_runs_around_unlinked_stretches(monkeypatc
     step_mm[0:10] = step_mm[16:26] = step_mm[28:38] = 1.0
     step_mm[12:14] = 0.2  # a minor run inside the rock
     elevation = step_mm[:, None]
-    stretches = quiet_stretches(moving_steps(elevation))
+    moving = moving_steps(elevation)
+    stretches = quiet_stretches(moving)
     assert stretches == [(10, 11), (14, 15), (26, 27)]
     keys = np.arange(39) * 10
     meas = type("Meas", (), {"stack": np.zeros((381, 8, 8), np.uint8), "mask": np.ones((8, 8), bool),
@@ -483,17 +496,25 @@ def test_crossing_lines_pair_the_major_runs_around_unlinked_stretches(monkeypatc
 
     monkeypatch.setattr(T, "flip_gain", gain_of)
     signs = np.ones(38, np.int64)
-    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [0, 1, 2])
+    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, moving, signs, stretches, [0, 1, 2])
     assert calls == [(160, 0, 100, 161, 260), (280, 160, 260, 281, 380)]  # runs 0-2 at stretch 1, 2-3
     assert [(t["stretch"], t["runs"], t["flipped"]) for t in info["tested"]] == [(1, [0, 2], True),
                                                                                  (2, [2, 3], False)]
     assert out.tolist() == [1] * 16 + [-1] * 22 and signs.tolist() == [1] * 38 and info["flipped"] == 1
     calls.clear()
-    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [0])
+    out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, moving, signs, stretches, [0])
     assert calls == [(120, 0, 100, 160, 260)] and not info["tested"][0]["flipped"]  # a gain at the margin
     assert out.tolist() == signs.tolist()
-    assert T._cross_unlinked_stretches(meas, keys, None, elevation, signs, stretches, [])[1] == {
+    assert T._cross_unlinked_stretches(meas, keys, None, elevation, moving, signs, stretches, [])[1] == {
         "tested": [], "flipped": 0}
+
+
+def test_travelling_steps_keep_the_runs_that_travel():
+    step_mm = np.array([0.0, 1.0, 1.0, 0.0, 0.3, 0.0, 3.0, 3.0, 0.0])  # runs of 2, 0.3 and 6 mm
+    elevation = np.stack([step_mm, -step_mm], axis=1)  # RMS over the two anchors = step_mm
+    moving = moving_steps(elevation)
+    assert T.CROSS_MIN_TRAVEL_MM == 5.0
+    assert T._travelling_steps(moving, elevation).tolist() == [False] * 6 + [True, True, False]
 
 
 def test_crossing_lines_restore_a_relation_no_same_view_pair_spans(monkeypatch, rotation_frames):
