@@ -439,7 +439,8 @@ def _breaking_stretch(monkeypatch, keys, which):
 def test_slide_stage_restores_a_relation_broken_across_a_quiet_stretch(monkeypatch, rotation_frames):
     """Wiring on the first 300 frames of a 1000-frame rotation scan: with the sign DP's signs after its
     first quiet stretch flipped, the slide votes flip them back, near the stretch or, out of the
-    window's reach, between the runs of steps it separates."""
+    window's reach, between the runs of steps it separates; above MAX_STRETCHES stretches, the runs
+    that hardly travel join the stretches first."""
     meas, opts = _measured(rotation_frames[0:300])
     plain = T._estimate(meas, opts, False, {}, threads=2).diagnostics
     slid = T._estimate(meas, dict(opts, slide=True), False, {}, threads=2).diagnostics
