@@ -48,6 +48,7 @@ from speckle_rec.crossing import band_pass, flipped_after, line_correlation
 from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.direction import first_direction, mirror
 from speckle_rec.evaluate import ScanTruth
+from speckle_rec.slide import step_travel
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
 from trajectory_options import measure_scan, true_poses
@@ -81,7 +82,7 @@ def step_relations(poses, keys, anchors):
     planes = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
     elevation = planes @ anchors.T
     same = np.sum(elevation[1:] * elevation[:-1], axis=1) >= 0
-    return np.where(same, 1, -1), np.sqrt(np.mean(elevation**2, axis=1))
+    return np.where(same, 1, -1), step_travel(elevation)
 
 
 def run_scan(scan, calibration, model, threads, *, pairs, every, seed):

@@ -57,9 +57,9 @@ tried and measured: it helped on some scans and cost up to 0.7 of score on other
 within ±40° of the start, with a fixed contact) was also added to the Viterbi as an exact extra
 state and measured. It lowered the rotation mean from 0.469 to 0.422, because it forces some flip
 without saying which one, so it is not used either. With the true key-step signs the same
-pipeline scores 0.775 (``benchmarks/trajectory_options.py --start oracle-signs``). Velocity smoothness alone is also
-close to a coin flip at eased stops (tested in ``tests/test_direction.py``); the triplet spans
-decide those.
+pipeline scores 0.775 (``benchmarks/trajectory_options.py --start oracle-signs``). Velocity
+smoothness alone is also close to a coin flip at eased stops (tested in
+``tests/test_direction.py``); the triplet spans decide those.
 
 Not used yet: revisits. The rotation scans come back within 1 mm RMS of an earlier pose for 86 % of
 their frames (``benchmarks/revisits.py``), which would tie the chain's two ends together across

@@ -207,12 +207,17 @@ def paired_steps(similarity, moving):
     return np.flatnonzero(partners.any(axis=0) | partners.any(axis=1))
 
 
-def moving_steps(elevation):
-    """(M,) bool: key steps whose RMS elevation at the anchors reaches ``MIN_STEP_MM`` (they slide).
+def step_travel(elevation):
+    """(M,) float: each key step's RMS elevation at the anchors (mm), how far it moves out of plane.
 
     ``elevation`` is (M, A): each step's fitted elevation (mm) at A anchor points, sign unknown.
     """
-    return np.sqrt(np.mean(np.square(elevation), axis=1)) >= MIN_STEP_MM
+    return np.sqrt(np.mean(np.square(elevation), axis=1))
+
+
+def moving_steps(elevation):
+    """(M,) bool: key steps whose :func:`step_travel` reaches ``MIN_STEP_MM`` (they slide)."""
+    return step_travel(elevation) >= MIN_STEP_MM
 
 
 def quiet_stretches(moving):
@@ -407,12 +412,11 @@ def vote_between_segments(signs, segment, first, second, cosine, *, min_pairs, m
     best = np.lexsort((flipped @ margins, flipped.sum(axis=1), -np.round(agreement, 9)))[0]
     signs *= factors[best][segment]
     # stretch s lies between runs s and s + 1: pairs of runs i <= s < j span it
-    spanned = [bool(voting[:s + 1, s + 1:].any()) for s in range(runs - 1)]
+    unlinked = [s for s in range(runs - 1) if not voting[:s + 1, s + 1:].any()]
     return signs, {"runs": runs, "run_pairs_voting": int(voting.sum()),
-                   "flipped": int(flipped[best].sum()),
-                   "unlinked": [s for s in range(runs - 1) if not spanned[s]]}
+                   "flipped": int(flipped[best].sum()), "unlinked": unlinked}
 
 
 __all__ = ["moving_steps", "paired_steps", "quiet_stretches", "same_view_pairs", "segments", "slide_fields",
-           "slide_points", "view_distances", "view_similarity", "vote_across_stretches",
+           "slide_points", "step_travel", "view_distances", "view_similarity", "vote_across_stretches",
            "vote_between_segments"]

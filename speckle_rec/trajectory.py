@@ -88,6 +88,7 @@ from .slide import (
     same_view_pairs,
     segments,
     slide_fields,
+    step_travel,
     view_distances,
     view_similarity,
     vote_across_stretches,
@@ -776,10 +777,11 @@ CROSS_MIN_GAIN = 0.02  # a flip must raise the mean line correlation by more (be
 
 def _travelling_steps(moving, elevation):
     """(M,) bool: the moving key steps of runs (:func:`speckle_rec.slide.segments`) that travel
-    ``CROSS_MIN_TRAVEL_MM`` or more out of plane (RMS at the anchors, summed)."""
+    ``CROSS_MIN_TRAVEL_MM`` or more out of plane (:func:`speckle_rec.slide.step_travel` of their
+    moving steps, summed)."""
     segment = segments(moving)
-    travel = np.sqrt(np.mean(np.square(elevation), axis=1)) * moving
-    return moving & (np.bincount(segment, weights=travel) >= CROSS_MIN_TRAVEL_MM)[segment]
+    travel = np.bincount(segment, weights=step_travel(elevation) * moving)
+    return moving & (travel >= CROSS_MIN_TRAVEL_MM)[segment]
 
 
 def _cross_unlinked_stretches(meas, keys, planes, elevation, moving, signs, stretches, unlinked):

@@ -233,6 +233,7 @@ def test_votes_flip_where_the_pairs_disagree_most_when_the_error_is_beside_the_s
 
 def test_moving_steps_by_rms_elevation_at_the_anchors():
     elevation = np.array([[0.12, -0.12, 0.12], [0.05, 0.0, -0.05], [0.0, 0.0, 0.3]])  # RMS 0.12, 0.041, 0.173 mm
+    np.testing.assert_allclose(slide.step_travel(elevation), [0.12, np.sqrt(0.005 / 3), np.sqrt(0.03)])
     assert slide.moving_steps(elevation).tolist() == [True, False, True]
 
 
