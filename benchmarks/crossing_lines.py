@@ -32,7 +32,14 @@ Line correlation: :func:`speckle_rec.crossing.line_correlation` of the band-pass
 (:func:`speckle_rec.crossing.band_pass` of ``meas.stack``, the frames smoothed as the model
 measures), as the slide stage's step 3 uses it; there the pairs come only from the two runs of key
 steps beside an unlinked quiet stretch (:func:`speckle_rec.crossing.flip_gain`), here from the whole
-scan. The band-passed stack is held in memory as float32 (300 MB for 1000 frames at 240×320, 2 GB
+scan.
+
+A second table judges the estimate's own step-3 tests (``signs.slide.runs.lines`` of its
+diagnostics): per folder the tests, how many found their two runs' relation wrong, how many of
+those and of the right ones it flipped, and the share of (wrong, right) pairs of tests whose gains
+order them (1: a margin could split them all; 0.5: chance).
+
+The band-passed stack is held in memory as float32 (300 MB for 1000 frames at 240×320, 2 GB
 for 1600 frames at 480×640).
 """
 
@@ -76,13 +83,39 @@ def sampled_gain(images, mask, spacing, poses, k, rng, pairs):
     return float(np.mean(gains)), float(np.mean(levels)), len(gains)
 
 
+def step_elevations(poses, keys, anchors):
+    """(K − 1, A) each key step's out-of-plane motion at the anchors (mm)."""
+    return trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]])) @ anchors.T
+
+
 def step_relations(poses, keys, anchors):
     """(K − 2,) +1 where key steps m and m + 1 move the same way at the anchors, −1 where opposite;
     and (K − 1,) the RMS anchor elevation of each step (mm)."""
-    planes = trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]]))
-    elevation = planes @ anchors.T
+    elevation = step_elevations(poses, keys, anchors)
     same = np.sum(elevation[1:] * elevation[:-1], axis=1) >= 0
     return np.where(same, 1, -1), step_travel(elevation)
+
+
+def step3_rows(tests, estimated, true, keys, anchors):
+    """The slide stage's step-3 tests (``signs.slide.runs.lines.tested`` of the diagnostics), each
+    with ``wrong_before``: whether the relation of its two runs was wrong before the test.
+
+    A run's direction agrees with the truth where its key steps (those overlapping the run's paired
+    frames) agree in sign with the true steps at the anchors, weighted by their true travel. The
+    relation is judged on the final poses and undone for a test that flipped.
+    """
+    estimated_steps = step_elevations(estimated, keys, anchors)
+    true_steps = step_elevations(true, keys, anchors)
+    agreement = np.sign(np.sum(estimated_steps * true_steps, axis=1)) * step_travel(true_steps)
+
+    def direction(first, last):
+        return np.sign(agreement[(keys[1:] > first) & (keys[:-1] < last)].sum())
+
+    rows = []
+    for test in tests:
+        right_after = direction(*test["before"]) == direction(*test["after"])
+        rows.append(dict(test, wrong_before=bool(right_after == test["flipped"])))
+    return rows
 
 
 def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
@@ -114,7 +147,10 @@ def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
             row[f"gain_{name}"], row[f"rho_{name}"], row[f"pairs_{name}"] = sampled_gain(
                 images, meas.mask, meas.spacing, poses, k, rng, pairs)
         rows.append(row)
-    return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows}
+    slide = result.diagnostics.get("signs", {}).get("slide")
+    lines = slide.get("runs", {}).get("lines", {}) if isinstance(slide, dict) else {}
+    step3 = step3_rows(lines.get("tested", []), estimated, true, keys, anchors)
+    return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows, "step3": step3}
 
 
 def summarise(junctions, poses):
@@ -132,6 +168,19 @@ def summarise(junctions, poses):
         out += [str(gains.size), cell(float(np.mean(gains)) if gains.size else None, 3),
                 cell(float(np.mean(better(gains, 0.0))) if gains.size else None, 2)]
     return out
+
+
+def summarise_step3(tests):
+    """Table cells: tests, wrong before, wrong ones flipped, right ones flipped, and the share of
+    (wrong, right) test pairs whose gains order them (the area under the ROC curve)."""
+    gains = np.array([np.nan if t["gain"] is None else t["gain"] for t in tests], dtype=float)
+    wrong = np.array([t["wrong_before"] for t in tests], dtype=bool)
+    flipped = np.array([t["flipped"] for t in tests], dtype=bool)
+    high, low = gains[wrong & np.isfinite(gains)], gains[~wrong & np.isfinite(gains)]
+    order = (np.mean((high[:, None] > low[None, :]) + 0.5 * (high[:, None] == low[None, :]))
+             if high.size and low.size else None)
+    return [str(len(tests)), str(int(wrong.sum())), str(int(np.sum(wrong & flipped))),
+            str(int(np.sum(~wrong & flipped))), cell(order, 3)]
 
 
 def main(argv=None):
@@ -152,15 +201,18 @@ def main(argv=None):
         tested = len(numbers["tested"])
         return f"{numbers['wrong']} wrong of {numbers['junctions']} junctions, {tested} tested"
 
-    results, rows = {}, []
+    results, rows, step3 = {}, [], []
     for folder, per_scan in scan_results(args.data, measure, summary, log):
         results[str(folder)] = per_scan
         tested = [row for numbers in per_scan.values() for row in numbers["tested"]]
         for poses in ("true", "estimated"):
             rows.append([Path(folder).name, poses, *summarise(tested, poses)])
+        step3.append([Path(folder).name, *summarise_step3([t for n in per_scan.values() for t in n["step3"]])])
     print(machine_line(machine, threads))
     header = ["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"]
     print(format_table(header, rows))
+    print("\nstep 3 of the slide stage, its tests in the estimate:")
+    print(format_table(["data", "tests", "wrong before", "wrong flipped", "right flipped", "gain orders"], step3))
     print(f"model {args.model}; {args.pairs} pairs per junction, 1 in {args.every} right junctions, "
           f"seed {args.seed}; {time.perf_counter() - started:.0f} s in all")
     if args.json:

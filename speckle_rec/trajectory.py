@@ -799,7 +799,7 @@ def _cross_unlinked_stretches(meas, keys, planes, elevation, moving, signs, stre
     runs are decided one by one.
 
     Returns the signs and a diagnostics dict: per test its stretch, major runs, first frame after
-    the stretch, gain, pairs and whether it flipped.
+    the stretch, the first and last paired frame of each run, gain, pairs and whether it flipped.
     """
     signs = np.array(signs, dtype=np.int64)
     segment = segments(moving)
@@ -825,6 +825,7 @@ def _cross_unlinked_stretches(meas, keys, planes, elevation, moving, signs, stre
         if flip:
             signs[end + 1:] *= -1
         tested.append({"stretch": free[-1], "runs": [r1, r2], "frame": k,
+                       "before": [int(first[0]), int(first[-1])], "after": [int(second[0]), int(second[-1])],
                        "gain": round(gain, 4) if pairs else None, "pairs": int(pairs), "flipped": flip})
     return signs, {"tested": tested, "flipped": sum(t["flipped"] for t in tested)}
 

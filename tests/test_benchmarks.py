@@ -292,9 +292,11 @@ def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     data, model = tiny_rotation(tmp_path)
     report = run_for_json(crossing_lines, tmp_path, str(data), "--model", str(model), "--pairs", "10",
                           "--every", "1")
-    assert "share < 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "share < 0" in out and "gain orders" in out
     (scan,) = report["folders"][str(data)].values()
     assert 0 <= scan["wrong"] <= scan["junctions"] and len(scan["tested"]) >= scan["wrong"]
+    assert all(isinstance(test["wrong_before"], bool) for test in scan["step3"])
     gains = np.array([row["gain_true"] for row in scan["tested"]])
     gains = gains[np.isfinite(gains)]
     # on the true poses the crossing frames share their speckle line; a flip moves it away
@@ -302,6 +304,34 @@ def test_crossing_lines_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     with pytest.raises(SystemExit):
         crossing_lines.main([str(data), "--model", str(model), "--pairs", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_crossing_lines_judge_step3_tests_by_the_relation_before_them():
+    """Two runs of key steps (frames 0–40 and 60–100) moving out of plane; whether the final poses
+    keep their true relation, and whether the test flipped, say whether it was wrong before."""
+    crossing_lines = benchmark_script("crossing_lines")
+    keys = np.arange(0, 101, 10)
+    anchors = np.array([[1.0, 0.0, 10.0], [1.0, 10.0, 20.0], [1.0, -10.0, 30.0]])
+
+    def poses(step_mm):  # (11,) frames' elevation steps → (101, 4, 4), key frames only matter
+        out = np.tile(np.eye(4), (101, 1, 1))
+        out[keys, 2, 3] = np.concatenate([[0.0], np.cumsum(step_mm)])
+        return out
+
+    true = poses(np.r_[[1.0] * 4, [0.0] * 2, [-1.0] * 4])  # a fan out and back across a quiet stretch
+    kept = poses(np.r_[[-1.0] * 4, [0.0] * 2, [1.0] * 4])  # both runs mirrored: relation right
+    broken = poses(np.r_[[1.0] * 4, [0.0] * 2, [1.0] * 4])  # the second run mirrored: wrong
+    test = {"before": [0, 40], "after": [61, 100], "gain": 0.1}
+    cases = [(kept, False, False), (kept, True, True), (broken, False, True), (broken, True, False)]
+    for estimated, flipped, wrong_before in cases:
+        (row,) = crossing_lines.step3_rows([dict(test, flipped=flipped)], estimated, true, keys, anchors)
+        assert row["wrong_before"] is wrong_before and row["gain"] == 0.1
+    tests = [{"gain": g, "wrong_before": w, "flipped": f}
+             for g, w, f in ((0.2, True, True), (0.01, True, False), (0.03, False, True), (-0.1, False, False),
+                             (None, False, False))]
+    # wrong gains 0.2, 0.01 against right 0.03, −0.1: three of the four pairs in order
+    assert crossing_lines.summarise_step3(tests) == ["5", "2", "1", "1", "0.750"]
+    assert crossing_lines.summarise_step3([]) == ["0", "0", "0", "0", "-"]
 
 
 def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):

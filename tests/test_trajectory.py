@@ -501,6 +501,8 @@ def test_crossing_lines_pair_the_major_runs_around_unlinked_stretches(monkeypatc
     assert calls == [(160, 0, 100, 161, 260), (280, 160, 260, 281, 380)]  # runs 0-2 at stretch 1, 2-3
     assert [(t["stretch"], t["runs"], t["flipped"]) for t in info["tested"]] == [(1, [0, 2], True),
                                                                                  (2, [2, 3], False)]
+    assert [(t["before"], t["after"]) for t in info["tested"]] == [([0, 100], [161, 260]),
+                                                                   ([160, 260], [281, 380])]
     assert out.tolist() == [1] * 16 + [-1] * 22 and signs.tolist() == [1] * 38 and info["flipped"] == 1
     calls.clear()
     out, info = T._cross_unlinked_stretches(meas, keys, None, elevation, moving, signs, stretches, [0])
