@@ -150,7 +150,8 @@ def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
     slide = result.diagnostics.get("signs", {}).get("slide")
     lines = slide.get("runs", {}).get("lines", {}) if isinstance(slide, dict) else {}
     step3 = step3_rows(lines.get("tested", []), estimated, true, keys, anchors)
-    return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows, "step3": step3}
+    return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows,
+            "step3": step3}
 
 
 def summarise(junctions, poses):
@@ -207,12 +208,14 @@ def main(argv=None):
         tested = [row for numbers in per_scan.values() for row in numbers["tested"]]
         for poses in ("true", "estimated"):
             rows.append([Path(folder).name, poses, *summarise(tested, poses)])
-        step3.append([Path(folder).name, *summarise_step3([t for n in per_scan.values() for t in n["step3"]])])
+        tests = [test for numbers in per_scan.values() for test in numbers["step3"]]
+        step3.append([Path(folder).name, *summarise_step3(tests)])
     print(machine_line(machine, threads))
     header = ["data", "poses", "line ρ", "right", "gain", "share < 0", "wrong", "gain", "share > 0"]
     print(format_table(header, rows))
     print("\nstep 3 of the slide stage, its tests in the estimate:")
-    print(format_table(["data", "tests", "wrong before", "wrong flipped", "right flipped", "gain orders"], step3))
+    header = ["data", "tests", "wrong before", "wrong flipped", "right flipped", "gain orders"]
+    print(format_table(header, step3))
     print(f"model {args.model}; {args.pairs} pairs per junction, 1 in {args.every} right junctions, "
           f"seed {args.seed}; {time.perf_counter() - started:.0f} s in all")
     if args.json:

@@ -327,8 +327,8 @@ def test_crossing_lines_judge_step3_tests_by_the_relation_before_them():
         (row,) = crossing_lines.step3_rows([dict(test, flipped=flipped)], estimated, true, keys, anchors)
         assert row["wrong_before"] is wrong_before and row["gain"] == 0.1
     tests = [{"gain": g, "wrong_before": w, "flipped": f}
-             for g, w, f in ((0.2, True, True), (0.01, True, False), (0.03, False, True), (-0.1, False, False),
-                             (None, False, False))]
+             for g, w, f in ((0.2, True, True), (0.01, True, False), (0.03, False, True),
+                             (-0.1, False, False), (None, False, False))]
     # wrong gains 0.2, 0.01 against right 0.03, −0.1: three of the four pairs in order
     assert crossing_lines.summarise_step3(tests) == ["5", "2", "1", "1", "0.750"]
     assert crossing_lines.summarise_step3([]) == ["0", "0", "0", "0", "-"]
