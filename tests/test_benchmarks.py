@@ -313,7 +313,7 @@ def test_crossing_lines_judge_step3_tests_by_the_relation_before_them():
     keys = np.arange(0, 101, 10)
     anchors = np.array([[1.0, 0.0, 10.0], [1.0, 10.0, 20.0], [1.0, -10.0, 30.0]])
 
-    def poses(step_mm):  # (11,) frames' elevation steps → (101, 4, 4), key frames only matter
+    def poses(step_mm):  # (10,) key steps out of plane (mm) → (101, 4, 4); only key frames matter
         out = np.tile(np.eye(4), (101, 1, 1))
         out[keys, 2, 3] = np.concatenate([[0.0], np.cumsum(step_mm)])
         return out
