@@ -88,24 +88,22 @@ def step_elevations(poses, keys, anchors):
     return trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]])) @ anchors.T
 
 
-def step_relations(poses, keys, anchors):
+def step_relations(elevation):
     """(K − 2,) +1 where key steps m and m + 1 move the same way at the anchors, −1 where opposite;
-    and (K − 1,) the RMS anchor elevation of each step (mm)."""
-    elevation = step_elevations(poses, keys, anchors)
+    and (K − 1,) the RMS anchor elevation of each step (mm), from :func:`step_elevations`."""
     same = np.sum(elevation[1:] * elevation[:-1], axis=1) >= 0
     return np.where(same, 1, -1), step_travel(elevation)
 
 
-def step3_rows(tests, estimated, true, keys, anchors):
+def step3_rows(tests, estimated_steps, true_steps, keys):
     """The slide stage's step-3 tests (``signs.slide.runs.lines.tested`` of the diagnostics), each
     with ``wrong_before``: whether the relation of its two runs was wrong before the test.
 
     A run's direction agrees with the truth where its key steps (those overlapping the run's paired
-    frames) agree in sign with the true steps at the anchors, weighted by their true travel. The
-    relation is judged on the final poses and undone for a test that flipped.
+    frames) agree in sign with the true steps at the anchors (:func:`step_elevations` of the final
+    and the true poses), weighted by their true travel. The relation is judged on the final poses
+    and undone for a test that flipped.
     """
-    estimated_steps = step_elevations(estimated, keys, anchors)
-    true_steps = step_elevations(true, keys, anchors)
     agreement = np.sign(np.sum(estimated_steps * true_steps, axis=1)) * step_travel(true_steps)
 
     def direction(first, last):
@@ -131,8 +129,10 @@ def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
     true = true_poses(truth)
     keys = np.asarray(result.diagnostics["key_frames"], dtype=np.int64)
     anchors = trajectory._anchor_design(meas)
-    true_relation, true_size = step_relations(true, keys, anchors)
-    estimated_relation, _ = step_relations(estimated, keys, anchors)
+    true_steps = step_elevations(true, keys, anchors)
+    estimated_steps = step_elevations(estimated, keys, anchors)
+    true_relation, true_size = step_relations(true_steps)
+    estimated_relation, _ = step_relations(estimated_steps)
     moving = (true_size[1:] >= MIN_STEP_MM) & (true_size[:-1] >= MIN_STEP_MM)
     wrong = estimated_relation != true_relation
     right_index = np.nonzero(moving & ~wrong)[0]
@@ -149,7 +149,7 @@ def run_scan(scan, calibration, model, threads, *, pairs, every, seed):
         rows.append(row)
     slide = result.diagnostics.get("signs", {}).get("slide")
     lines = slide.get("runs", {}).get("lines", {}) if isinstance(slide, dict) else {}
-    step3 = step3_rows(lines.get("tested", []), estimated, true, keys, anchors)
+    step3 = step3_rows(lines.get("tested", []), estimated_steps, true_steps, keys)
     return {"junctions": int(moving.sum()), "wrong": int(np.sum(moving & wrong)), "tested": rows,
             "step3": step3}
 

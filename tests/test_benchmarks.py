@@ -324,7 +324,8 @@ def test_crossing_lines_judge_step3_tests_by_the_relation_before_them():
     test = {"before": [0, 40], "after": [61, 100], "gain": 0.1}
     cases = [(kept, False, False), (kept, True, True), (broken, False, True), (broken, True, False)]
     for estimated, flipped, wrong_before in cases:
-        (row,) = crossing_lines.step3_rows([dict(test, flipped=flipped)], estimated, true, keys, anchors)
+        steps = [crossing_lines.step_elevations(poses, keys, anchors) for poses in (estimated, true)]
+        (row,) = crossing_lines.step3_rows([dict(test, flipped=flipped)], *steps, keys)
         assert row["wrong_before"] is wrong_before and row["gain"] == 0.1
     tests = [{"gain": g, "wrong_before": w, "flipped": f}
              for g, w, f in ((0.2, True, True), (0.01, True, False), (0.03, False, True),
