@@ -25,6 +25,15 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
    steps enter the same Viterbi exactly (they involve at most three consecutive signs). This is
    what separates a stop-and-reverse from a stop-and-continue, which velocity alone can hardly
    tell apart when the hand eases in and out of every stop.
+   **Stops.** Where the hand stops (key steps of 4 frames or more and 4 times the median), the
+   key step spanning the stop is poorly fitted (tremor and the turn itself), and its wrong |plane|
+   misleads the triplet terms: on five simulated 1600-frame 480×640 rotation scans the DP put a
+   continuation at 9 of 55 reversals, with margins of 80-360. After the DP the key frames on the two
+   sides of each stop are correlated across it (:func:`reversal_gain`): after a turn each frame
+   meets its twin on the way back, through a pause none does. A gain above 0.25 (continuations
+   measured at ≤ 0.13) sets a reversal between the signed motions of the nearest moving steps on
+   the two sides; a lower gain says nothing, since a turn whose two paths differ in the other angle
+   can show little. This raised the five scans from 0.620 to 0.826 (true mirror).
 4. **Pivot near the skin.** In fixed-contact fanning (the 2025 rotation protocol) the row at the
    skin contact hardly moves out of plane: every plane fit then gets a prior ``z(contact) ≈ 0``.
    It does not decide a sign (−plane passes through the contact too), but it ties ``tz`` to the
@@ -322,6 +331,47 @@ def triplet_costs(predicted_mm, rho, *, depth_mm, model, rotation_rad=0.0, tilt_
     return np.sum(2.0 * f_scale**2 * (np.sqrt(1.0 + (u / f_scale) ** 2) - 1.0), axis=1)
 
 
+def reversal_gain(rho):
+    """How much frames on the two sides of a stop come back together: the evidence of a reversal.
+
+    ``rho[i, j]`` correlates the i-th frame before a stop (row 0: the stop's first frame, then
+    earlier ones) with the j-th frame after it (column 0: its last frame, then later ones). When the
+    motion continues through the stop, a frame further out on one side is furthest from the other
+    side's frames further out, so each row (column) is highest at column (row) 0. When it reverses,
+    the hand passes the same planes again on the way back, and each frame meets its twin further
+    out. The gain is the mean, over rows i ≥ 1 and columns j ≥ 1, of the best correlation along the
+    row (column) above the one at the stop's own frame, the two means averaged.
+
+    Parameters
+    ----------
+    rho : (B, A) array_like
+        Correlations, NaN where not measured (ignored), with B, A ≥ 1.
+
+    Returns
+    -------
+    float
+        About 0 (or below) for a continuation; up to about ``rho[0, 0]`` for a clean reversal. 0 when
+        no row or column beyond the first has a finite value at the stop and elsewhere.
+
+    Raises
+    ------
+    DataError
+        If ``rho`` is not 2-D or is empty.
+    """
+    r = np.asarray(rho, dtype=np.float64)
+    if r.ndim != 2 or r.size == 0:
+        raise DataError(f"expected rho of shape (B, A) with B, A >= 1, got {r.shape}")
+    r = np.where(np.isfinite(r), r, -np.inf)
+
+    def along(m):  # rows from 1: best over the row above its first entry
+        best, first = m[1:].max(axis=1), m[1:, 0]
+        keep = np.isfinite(best) & np.isfinite(first)
+        return list(best[keep] - first[keep])
+
+    means = [np.mean(g) for g in (along(r), along(r.T)) if g]
+    return float(np.mean(means)) if means else 0.0
+
+
 def first_direction(frame_to_first, points_mm, *, threshold_mm=1.0):
     """Sign of the first clear out-of-plane move of a trajectory (the mirror convention).
 
@@ -457,4 +507,5 @@ class DirectionPrior:
             raise DataError(f"bad direction_prior: {getattr(exc, 'problem', exc)}", source) from None
 
 
-__all__ = ["DirectionPrior", "SignResolution", "first_direction", "mirror", "resolve_signs", "triplet_costs"]
+__all__ = ["DirectionPrior", "SignResolution", "first_direction", "mirror", "resolve_signs", "reversal_gain",
+           "triplet_costs"]

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from speckle_rec.decorrelation import DecorrelationModel
-from speckle_rec.direction import MIRROR, DirectionPrior, first_direction, mirror, resolve_signs, triplet_costs
+from speckle_rec.direction import (
+    MIRROR,
+    DirectionPrior,
+    first_direction,
+    mirror,
+    resolve_signs,
+    reversal_gain,
+    triplet_costs,
+)
 from speckle_rec.errors import DataError
 from speckle_rec.transforms import matrices_from_params
 
@@ -79,6 +87,48 @@ def test_smoothness_cannot_tell_eased_stops_but_triplets_can():
     weight = np.abs(steps)
     assert accuracy(both.signs, truth, weight) == pytest.approx(1.0)
     assert accuracy(smooth.signs, truth, weight) < 0.99  # smoothness alone flips at an eased stop
+
+
+def _across_stop(x, frame, target=0.8, side=6, sigma=0.5):
+    """ρ (Gaussian in distance, σ = ``sigma``) between the key frames before the stop (key steps of
+    4+ frames) at ``frame`` of positions ``x`` and those after it, as the trajectory stage arranges
+    them."""
+    keys = adaptive_steps(x, target)
+    slow = np.diff(keys) >= 4
+    a = b = int(np.searchsorted(keys, frame, side="right")) - 1
+    assert slow[a]
+    while slow[a - 1]:
+        a -= 1
+    while slow[b + 1]:
+        b += 1
+    before, after = keys[max(a - side, 0):a + 1][::-1], keys[b + 1:b + 2 + side]
+    distance = x[before][:, None] - x[after][None, :]
+    return np.exp(-0.5 * (distance / sigma) ** 2)
+
+
+def test_reversal_gain_tells_a_turn_from_a_pause():
+    # eased moves of 10 mm with a 12-frame stop between them: back the same way, or on
+    turn = _across_stop(eased_positions([0, 10, 0], [60, 60], [0, 12]), 65)
+    pause = _across_stop(eased_positions([0, 10, 20], [60, 60], [0, 12]), 65)
+    assert turn.shape == pause.shape == (7, 7)
+    assert reversal_gain(turn) > 0.6 and abs(reversal_gain(pause)) < 1e-6
+    # the twin of each frame falls between key frames on the way back: still well above a pause
+    uneven = _across_stop(eased_positions([0, 10, 0.5], [60, 37], [0, 12]), 65)
+    assert reversal_gain(uneven) > 0.4
+    rng = np.random.default_rng(3)
+    noisy = [reversal_gain(m + rng.normal(0.0, 0.05, m.shape)) for m in (turn, pause)]
+    assert noisy[0] > 0.5 and noisy[1] < 0.15  # the threshold in trajectory is 0.25
+    holes = turn.copy()
+    holes[2, :] = np.nan  # a row without bright patches, and one entry missing
+    holes[0, 3] = np.nan
+    assert reversal_gain(holes) > 0.6
+    # by hand: each frame out meets its twin (0.9) instead of the stop's other end (0.2)
+    assert reversal_gain([[1.0, 0.2], [0.2, 0.9]]) == pytest.approx(0.7)
+    assert reversal_gain([[1.0, 0.2], [0.3, 0.1]]) == pytest.approx(0.0)  # rows and columns fall away
+    assert reversal_gain(turn[:1]) == reversal_gain(turn[:, :1]) == reversal_gain([[np.nan]]) == 0.0
+    for bad in ([1.0, 0.5], np.zeros((0, 3)), np.zeros((2, 2, 2))):
+        with pytest.raises(DataError, match="expected rho of shape"):
+            reversal_gain(bad)
 
 
 def test_vector_velocities_keep_direction_through_a_pause():

@@ -293,6 +293,7 @@ def test_sign_oracle_replaces_the_signs_and_their_diagnostics():
     steps = forced["signs"]["key_steps"]
     assert forced["key_signs"] == alternate(np.arange(steps + 1), None).tolist()
     assert forced["signs"]["oracle"] is True and forced["signs"]["uncertain_junctions"] is None
+    assert forced["signs"]["stops"] is None and isinstance(found["signs"]["stops"]["stops"], int)
     assert forced["signs"]["reversals"] >= steps - 1 - found["signs"]["reversals"]
 
 
@@ -416,7 +417,9 @@ def rotation_frames():
 
 
 def _measured(frames):
-    opts = T._check_options({"slide": False})
+    """Measurements and options with the slide stage off, and the stop stage too: it would mend the
+    breaks below itself where a stop meets the quiet stretch (it does on both scans used here)."""
+    opts = T._check_options({"slide": False, "stops": False})
     meas = T._measure(frames, fan_mask_from_frames(frames), MEDIUM.spacing_mm, DecorrelationModel.default(),
                       opts, 2, False)
     return meas, opts
@@ -512,6 +515,80 @@ def test_crossing_lines_pair_the_major_runs_around_unlinked_stretches(monkeypatc
         "tested": [], "flipped": 0}
 
 
+def test_stops_are_the_long_key_steps_with_steps_on_both_sides():
+    # the first step (nothing before it) and the last (nothing after it) are passed over
+    keys = np.cumsum([0, 8, 1, 1, 1, 5, 6, 1, 1, 4, 1, 1, 9])
+    assert T._stops(keys) == [(4, 5), (8, 8)]  # median 1: 4 frames or more
+    assert T._stops(np.cumsum([0, 2, 2, 8, 2, 7, 2, 2])) == [(2, 2)]  # median 2: 8 frames or more
+    assert T._stops(np.array([0, 1])) == [] and T._stops(np.array([0])) == []
+
+
+def _fan_with_stop(angles_deg, moves, pause):
+    """A fan about the skin contact through eased moves between ``angles_deg`` with a ``pause``-frame
+    stop at the middle angle; synthetic measurements, key frames and the true planes of its key steps."""
+    u = [np.linspace(0.0, 1.0, m, endpoint=False) for m in moves]
+    eased = [a + (b - a) * (t - np.sin(2 * np.pi * t) / (2 * np.pi))
+             for a, b, t in zip(angles_deg[:-1], angles_deg[1:], u)]
+    angle = np.radians(np.concatenate([eased[0], [angles_deg[1]] * pause, eased[1], [angles_deg[2]] * 5]))
+    contact = np.array(MEDIUM.contact_point_mm)
+    rotations = Rotation.from_rotvec(np.outer(angle, [1.0, 0.0, 0.0]))
+    shift = contact - rotations.apply(contact)
+    meas = synthetic_measurements(matrices_from_params(np.concatenate([rotations.as_rotvec(), shift], axis=1)),
+                                  MEDIUM, strides=(1, 2, 4, 8, 16))
+    keys = T._key_steps(meas, T.DEFAULT_OPTIONS["key_rho"])[0]
+    planes = T._planes_of(np.linalg.solve(meas.truth[keys[:-1]], meas.truth[keys[1:]]))
+    return meas, keys, planes
+
+
+def test_stops_tell_a_turn_from_a_pause_and_mend_the_relation_across_a_turn():
+    """A fan out and back through a 12-frame stop: with the signs after the stop flipped (the DP's
+    error at 480×640), the correlation across the stop flips them back; through a pause on the same
+    way nothing changes, whether the DP got the relation right or not (a low gain says nothing)."""
+    rng = np.random.default_rng(4)
+    for angles, turns in (((0.0, 8.0, 0.0), True), ((0.0, 8.0, 16.0), False)):
+        meas, keys, planes = _fan_with_stop(angles, (60, 60), 12)
+        (stop,) = T._stops(keys)
+        canonical = np.where(rng.random(keys.size - 1) < 0.5, -1, 1)  # the fits' arbitrary signs
+        true = canonical.copy()
+        broken = canonical.copy()
+        broken[stop[1] + 1:] *= -1
+        margins = np.linspace(1.0, 9.0, keys.size - 2)
+        for signs in (true, broken):
+            out, info = T._reverse_at_stops(meas, keys, canonical[:, None] * planes,
+                                            SignResolution(signs, margins, 1.0))
+            assert info["stops"] == 1 and isinstance(info["seconds"], float)
+            if turns:  # relation restored; the stop's junctions as sure as the DP's surest
+                assert out.signs.tolist() == true.tolist() and info["reversals"] == 1
+                assert info["flipped_at"] == ([] if signs is true else [int(keys[stop[1] + 1])])
+                assert np.all(out.flip_margin[stop[0] - 1:stop[1] + 1] == 9.0) and out.cost == 1.0
+                out.flip_margin[stop[0] - 1:stop[1] + 1] = margins[stop[0] - 1:stop[1] + 1]
+                assert out.flip_margin.tolist() == margins.tolist()
+            else:
+                assert out.signs.tolist() == signs.tolist() and info["reversals"] == 0
+                assert info["flipped_at"] == [] and out.flip_margin.tolist() == margins.tolist()
+
+
+def test_stops_option_runs_the_stage_on_the_dp_signs(monkeypatch):
+    meas, keys, _ = _fan_with_stop((0.0, 8.0, 0.0), (60, 60), 12)  # no frames for the slide stage
+    opts = dict(T.DEFAULT_OPTIONS, first_direction=None, max_iterations=0, slide=False)
+    plain = T._estimate(meas, opts, False, {}).diagnostics
+    assert plain["key_frames"] == keys.tolist() and plain["signs"]["stops"]["stops"] == 1
+    assert T._estimate(meas, dict(opts, stops=False), False, {}).diagnostics["signs"]["stops"] is None
+    (stop,) = T._stops(keys)
+    dp = T.resolve_signs
+
+    def broken(velocity, **kwargs):  # the DP's error: a continuation through the turn
+        found = dp(velocity, **kwargs)
+        signs = found.signs.copy()
+        signs[stop[1] + 1:] *= -1
+        return SignResolution(signs, found.flip_margin, found.cost)
+
+    monkeypatch.setattr(T, "resolve_signs", broken)
+    mended = T._estimate(meas, opts, False, {}).diagnostics
+    assert mended["key_signs"] == plain["key_signs"] and mended["signs"]["stops"]["reversals"] == 1
+    assert T._estimate(meas, dict(opts, stops=False), False, {}).diagnostics["key_signs"] != plain["key_signs"]
+
+
 def test_travelling_steps_keep_the_runs_that_travel():
     step_mm = np.array([0.0, 1.0, 1.0, 0.0, 0.3, 0.0, 3.0, 3.0, 0.0])  # runs of 2, 0.3 and 6 mm
     elevation = np.stack([step_mm, -step_mm], axis=1)  # RMS over the two anchors = step_mm
@@ -576,6 +653,7 @@ def test_row_median_of_a_pair_without_bright_patches_is_nan_without_a_warning():
         (np.zeros((5, 40, 50), np.uint8), {"bogus": 1}, "unknown option 'bogus'"),
         (np.zeros((5, 40, 50), np.uint8), {"first_direction": 2}, "first_direction"),
         (np.zeros((5, 40, 50), np.uint8), {"slide": "yes"}, "slide True or False"),
+        (np.zeros((5, 40, 50), np.uint8), {"stops": 1}, "stops True or False"),
         (np.zeros((5, 40, 50), np.uint8), {"level_sweeps": 1}, "level_sweeps True or False"),
         (np.zeros((5, 40, 50), np.uint8), {"strides": (2, 4)}, "strides"),
         (np.zeros((5, 40, 50), np.uint8), {"mask": np.ones((4, 4), bool)}, "mask"),
