@@ -705,7 +705,9 @@ def _reverse_at_stops(meas, keys, planes, dp):
     the DP's surest for the slide stage. A gain below the threshold says nothing: a turn whose two
     paths differ in the other angle shows little.
 
-    Returns a :class:`speckle_rec.direction.SignResolution` and a diagnostics dict.
+    Returns a :class:`speckle_rec.direction.SignResolution` and a diagnostics dict: per stop its key
+    steps, first and last frame, gain, the cosine of the two sides' motions under the signs so far
+    (None without moving steps on both sides), whether it counts as a turn and whether it flipped.
     """
     clock = time.perf_counter()
     signs = np.array(dp.signs, dtype=np.int64)
@@ -713,30 +715,28 @@ def _reverse_at_stops(meas, keys, planes, dp):
     elevation = planes @ _anchor_design(meas).T
     moving = moving_steps(elevation)
     sure = float(margins.max()) if margins.size else 0.0
-    stops = _stops(keys)
-    reversals, flipped = 0, []
-    for a, b in stops:
-        before = keys[max(a - STOP_SIDE_STEPS, 0):a + 1][::-1]
-        after = keys[b + 1:b + 2 + STOP_SIDE_STEPS]
+    tested = []
+    for a, b in _stops(keys):
+        start = max(a - STOP_SIDE_STEPS, 0)
+        before, after = keys[start:a + 1][::-1], keys[b + 1:b + 2 + STOP_SIDE_STEPS]
         pairs = np.stack(np.meshgrid(before, after, indexing="ij"), axis=-1).reshape(-1, 2)
         gain = reversal_gain(_row_nanmedian(meas.correlate(pairs)).reshape(before.size, after.size))
-        near = np.flatnonzero(moving[max(a - STOP_SIDE_STEPS, 0):a])[::-1][:STOP_RELATION_STEPS]
-        far = np.flatnonzero(moving[b + 1:b + 1 + STOP_SIDE_STEPS])[:STOP_RELATION_STEPS]
-        if gain <= STOP_MIN_GAIN or not near.size or not far.size:
-            continue
-        steps_before, steps_after = near + max(a - STOP_SIDE_STEPS, 0), far + b + 1
-        v0 = signs[steps_before] @ elevation[steps_before]
-        v1 = signs[steps_after] @ elevation[steps_after]
-        cosine = float(v0 @ v1 / max(np.linalg.norm(v0) * np.linalg.norm(v1), 1e-12))
-        if abs(cosine) <= STOP_MIN_COS:
-            continue
-        reversals += 1
-        margins[a - 1:b + 1] = np.maximum(margins[a - 1:b + 1], sure)
-        if cosine > 0:
-            signs[b + 1:] *= -1
-            flipped.append(int(keys[b + 1]))
-    info = {"stops": len(stops), "reversals": reversals, "flipped_at": flipped,
-            "seconds": round(time.perf_counter() - clock, 3)}
+        near = start + np.flatnonzero(moving[start:a])[::-1][:STOP_RELATION_STEPS]
+        far = b + 1 + np.flatnonzero(moving[b + 1:b + 1 + STOP_SIDE_STEPS])[:STOP_RELATION_STEPS]
+        cosine = None
+        if near.size and far.size:
+            v0, v1 = signs[near] @ elevation[near], signs[far] @ elevation[far]
+            cosine = float(v0 @ v1 / max(np.linalg.norm(v0) * np.linalg.norm(v1), 1e-12))
+        turn = gain > STOP_MIN_GAIN and cosine is not None and abs(cosine) > STOP_MIN_COS
+        if turn:
+            margins[a - 1:b + 1] = np.maximum(margins[a - 1:b + 1], sure)
+            if cosine > 0:
+                signs[b + 1:] *= -1
+        tested.append({"steps": [a, b], "frames": [int(keys[a]), int(keys[b + 1])], "gain": round(gain, 3),
+                       "cosine": None if cosine is None else round(cosine, 3), "turn": bool(turn),
+                       "flipped": bool(turn and cosine > 0)})
+    info = {"tested": tested, "turns": sum(t["turn"] for t in tested),
+            "flipped": sum(t["flipped"] for t in tested), "seconds": round(time.perf_counter() - clock, 3)}
     return SignResolution(signs, margins, dp.cost), info
 
 

@@ -293,7 +293,7 @@ def test_sign_oracle_replaces_the_signs_and_their_diagnostics():
     steps = forced["signs"]["key_steps"]
     assert forced["key_signs"] == alternate(np.arange(steps + 1), None).tolist()
     assert forced["signs"]["oracle"] is True and forced["signs"]["uncertain_junctions"] is None
-    assert forced["signs"]["stops"] is None and isinstance(found["signs"]["stops"]["stops"], int)
+    assert forced["signs"]["stops"] is None and isinstance(found["signs"]["stops"]["tested"], list)
     assert forced["signs"]["reversals"] >= steps - 1 - found["signs"]["reversals"]
 
 
@@ -556,23 +556,26 @@ def test_stops_tell_a_turn_from_a_pause_and_mend_the_relation_across_a_turn():
         for signs in (true, broken):
             out, info = T._reverse_at_stops(meas, keys, canonical[:, None] * planes,
                                             SignResolution(signs, margins, 1.0))
-            assert info["stops"] == 1 and isinstance(info["seconds"], float)
+            (test,) = info["tested"]
+            assert test["steps"] == list(stop) and test["frames"] == [keys[stop[0]], keys[stop[1] + 1]]
+            assert isinstance(info["seconds"], float) and abs(test["cosine"]) > T.STOP_MIN_COS
+            assert (test["cosine"] > 0) == (turns == (signs is broken))  # > 0: the signs say it goes on
             if turns:  # relation restored; the stop's junctions as sure as the DP's surest
-                assert out.signs.tolist() == true.tolist() and info["reversals"] == 1
-                assert info["flipped_at"] == ([] if signs is true else [int(keys[stop[1] + 1])])
+                assert out.signs.tolist() == true.tolist() and test["turn"] and info["turns"] == 1
+                assert test["flipped"] == (signs is broken) and info["flipped"] == int(signs is broken)
                 assert np.all(out.flip_margin[stop[0] - 1:stop[1] + 1] == 9.0) and out.cost == 1.0
                 out.flip_margin[stop[0] - 1:stop[1] + 1] = margins[stop[0] - 1:stop[1] + 1]
                 assert out.flip_margin.tolist() == margins.tolist()
             else:
-                assert out.signs.tolist() == signs.tolist() and info["reversals"] == 0
-                assert info["flipped_at"] == [] and out.flip_margin.tolist() == margins.tolist()
+                assert out.signs.tolist() == signs.tolist() and not test["turn"] and test["gain"] < 0.1
+                assert info["flipped"] == 0 and out.flip_margin.tolist() == margins.tolist()
 
 
 def test_stops_option_runs_the_stage_on_the_dp_signs(monkeypatch):
     meas, keys, _ = _fan_with_stop((0.0, 8.0, 0.0), (60, 60), 12)  # no frames for the slide stage
     opts = dict(T.DEFAULT_OPTIONS, first_direction=None, max_iterations=0, slide=False)
     plain = T._estimate(meas, opts, False, {}).diagnostics
-    assert plain["key_frames"] == keys.tolist() and plain["signs"]["stops"]["stops"] == 1
+    assert plain["key_frames"] == keys.tolist() and len(plain["signs"]["stops"]["tested"]) == 1
     assert T._estimate(meas, dict(opts, stops=False), False, {}).diagnostics["signs"]["stops"] is None
     (stop,) = T._stops(keys)
     dp = T.resolve_signs
@@ -585,7 +588,7 @@ def test_stops_option_runs_the_stage_on_the_dp_signs(monkeypatch):
 
     monkeypatch.setattr(T, "resolve_signs", broken)
     mended = T._estimate(meas, opts, False, {}).diagnostics
-    assert mended["key_signs"] == plain["key_signs"] and mended["signs"]["stops"]["reversals"] == 1
+    assert mended["key_signs"] == plain["key_signs"] and mended["signs"]["stops"]["flipped"] == 1
     assert T._estimate(meas, dict(opts, stops=False), False, {}).diagnostics["key_signs"] != plain["key_signs"]
 
 
