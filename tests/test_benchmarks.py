@@ -335,6 +335,41 @@ def test_crossing_lines_judge_step3_tests_by_the_relation_before_them():
     assert crossing_lines.summarise_step3([]) == ["0", "0", "0", "0", "-"]
 
 
+def test_stops_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
+    stops = benchmark_script("stops")
+    data, model = tiny_rotation(tmp_path)
+    report = run_for_json(stops, tmp_path, str(data), "--model", str(model))
+    out = capsys.readouterr().out
+    assert "went on" in out and "broken" in out
+    (scan,) = report["folders"][str(data)].values()
+    assert 0 <= len(scan["tested"]) <= scan["stops"] and scan["seconds"] >= 0.0
+    for row in scan["tested"]:
+        first, last = row["steps"]
+        assert 0 < first <= last and isinstance(row["true_turn"], bool) and abs(row["cosine"]) <= 1.0
+        assert row["flipped"] <= row["turn"] and (not row["turn"] or row["gain"] > 0.25)
+
+
+def test_stops_judge_each_stop_by_the_true_motion_on_its_two_sides():
+    """A 1-D motion out of plane: out over key steps 0-3, a stop (step 4), back (turn) or on (pause)."""
+    stops = benchmark_script("stops")
+    keys = np.arange(0, 91, 10)
+    anchors = np.array([[1.0, 0.0, 10.0], [1.0, 10.0, 20.0]])
+    test = {"steps": [4, 4], "gain": 0.5, "cosine": 0.9, "turn": True, "flipped": True}
+    for later, turn in ((-1.0, True), (1.0, False)):
+        poses = np.tile(np.eye(4), (91, 1, 1))
+        poses[keys, 2, 3] = np.concatenate([[0.0], np.cumsum(np.r_[[1.0] * 4, 0.1, [later] * 4])])
+        (row,) = stops.true_turns([test], poses, keys, anchors)
+        assert row["true_turn"] is turn and row["gain"] == 0.5
+    rows = [dict(true_turn=True, gain=0.6, cosine=0.8, turn=True, flipped=True),
+            dict(true_turn=True, gain=0.4, cosine=-0.9, turn=True, flipped=False),
+            dict(true_turn=True, gain=0.05, cosine=0.7, turn=False, flipped=False),
+            dict(true_turn=False, gain=0.1, cosine=0.9, turn=False, flipped=False),
+            dict(true_turn=False, gain=0.3, cosine=0.95, turn=True, flipped=True)]
+    # turns: 3, median gain 0.4, 2 called, 2 went on before, 1 mended; pauses: 2, max 0.3, 1 called, 1 broken
+    assert stops.summarise(rows) == ["3", "0.400", "2", "2", "1", "2", "0.300", "1", "1"]
+    assert stops.summarise([]) == ["0", "-", "0", "0", "0", "0", "-", "0", "0"]
+
+
 def test_anatomy_slide_runs_on_a_tiny_rotation_scan(tmp_path, capsys):
     anatomy_slide = benchmark_script("anatomy_slide")
     data, model = tiny_rotation(tmp_path)
