@@ -52,8 +52,9 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
 Measured (simulated scans, ``benchmarks/accuracy.py``, 5 scans per protocol)
 -------------------------------------------------------------------------------
 Sweeps (linear, C, S; 1000 frames): 96-98 % of the moving frames get the right sign. Rotation
-protocol: 83 % (240×320) and 67 % (480×640) with the right global mirror; on 43 scans at 240×320
-the scores are 0.68 (0.57 before the slide stage's crossing lines, 0.49 before its vote between
+protocol: 83 % (240×320) and 80 % (480×640; 67 % before the stop test) with the right global
+mirror. At 480×640 (1600 frames) the scores are 0.83 on 17 scans (0.65 before the stop test); on 43
+scans at 240×320 0.68 (0.57 before the slide stage's crossing lines, 0.49 before its vote between
 runs), 0.74 with the truth's relation across each quiet stretch, and the relation that fails most
 is the spin's to the first fan. The rotation protocol
 returns to the upright pose between its phases (fan, rock, spin, fan, rock), and the in-plane
