@@ -25,15 +25,16 @@ The rule (what :func:`speckle_rec.trajectory.estimate_trajectory` does)
    steps enter the same Viterbi exactly (they involve at most three consecutive signs). This is
    what separates a stop-and-reverse from a stop-and-continue, which velocity alone can hardly
    tell apart when the hand eases in and out of every stop.
-   **Stops.** Where the hand stops (key steps of 4 frames or more and 4 times the median), the
-   key step spanning the stop is poorly fitted (tremor and the turn itself), and its wrong |plane|
-   misleads the triplet terms: on five simulated 1600-frame 480×640 rotation scans the DP put a
-   continuation at 9 of 55 reversals, with margins of 80-360. After the DP the key frames on the two
+   **Stops.** Where the hand stops (key steps of 4 frames or more and 4 times the median), the key
+   step spanning the stop is poorly fitted (tremor and the turn itself), and its wrong |plane|
+   misleads the triplet terms: on five simulated 1600-frame 480×640 rotation scans the DP went on
+   through 13 of 52 turns, several with margins of 80-360. After the DP the key frames on the two
    sides of each stop are correlated across it (:func:`reversal_gain`): after a turn each frame
-   meets its twin on the way back, through a pause none does. A gain above 0.25 (continuations
-   measured at ≤ 0.13) sets a reversal between the signed motions of the nearest moving steps on
-   the two sides; a lower gain says nothing, since a turn whose two paths differ in the other angle
-   can show little. This raised the five scans from 0.620 to 0.826 (true mirror).
+   meets its twin on the way back, through a pause none does. A gain above 0.25 (pauses measured at
+   0.06 or less but one, turns at 0.6 in the median) sets a reversal between the signed motions of
+   the nearest moving steps on the two sides; a lower gain says nothing, since a turn whose two
+   paths differ in the other angle can show little. It raised 17 such scans from 0.65 to 0.83 (true
+   mirror; ``benchmarks/README.md``, "Stops: turn or pause").
 4. **Pivot near the skin.** In fixed-contact fanning (the 2025 rotation protocol) the row at the
    skin contact hardly moves out of plane: every plane fit then gets a prior ``z(contact) ≈ 0``.
    It does not decide a sign (−plane passes through the contact too), but it ties ``tz`` to the
@@ -86,11 +87,12 @@ Under the cost above plus the revisits' tilt residuals the true signs are still 
 chosen ones on most scans: the poorly fitted key steps make them pay more in velocity smoothness
 than the revisits give back.
 
-Not used either: crossing planes. Two frames whose planes cross share the speckle along their
-line of intersection, and mirroring the motion after a junction moves that line, so pairs far
-apart in time could test a junction. On the true poses a mirror lowers the line correlation at
-nearly every junction; on the estimated poses the lines already miss each other and the test is
-a coin flip (``benchmarks/crossing_lines.py``).
+Not used for single junctions: crossing planes. Two frames whose planes cross share the speckle
+along their line of intersection, and mirroring the motion after a junction moves that line, so
+pairs far apart in time could test a junction. On the true poses a mirror lowers the line
+correlation at nearly every junction; on the estimated poses the lines already miss each other and
+the test is a coin flip (``benchmarks/crossing_lines.py``). The slide stage's step 3 uses them
+only for the relation of two long runs of key steps that nothing else links (below).
 
 Then, anatomy slide (on by default; ``slide=False`` or ``speckle-rec reconstruct --no-slide`` turns
 it off). A structure that crosses the image plane obliquely slides in the image when the plane

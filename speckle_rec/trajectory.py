@@ -677,7 +677,7 @@ STOP_MIN_FRAMES = 4  # a key step this long, and STOP_FACTOR times the median, s
 STOP_FACTOR = 4.0
 STOP_SIDE_STEPS = 6  # key frames on each side of a stop correlated across it
 STOP_RELATION_STEPS = 3  # moving key steps on each side whose signed sum is the motion there
-STOP_MIN_GAIN = 0.25  # reversal gain that calls a reversal (measured: continuations ≤ 0.13)
+STOP_MIN_GAIN = 0.25  # reversal gain that calls a turn (pauses measured ≤ 0.06 but one, turns ~0.6)
 STOP_MIN_COS = 0.5  # the two sides' motions must be this parallel or antiparallel to act on
 
 
@@ -685,7 +685,9 @@ def _stops(keys):
     """(first, last) key-step index of each run of stop steps (:data:`STOP_MIN_FRAMES`,
     :data:`STOP_FACTOR`) with a key step on either side."""
     lengths = np.diff(keys)
-    slow = lengths >= max(STOP_MIN_FRAMES, STOP_FACTOR * np.median(lengths)) if lengths.size else lengths > 0
+    if not lengths.size:
+        return []
+    slow = lengths >= max(STOP_MIN_FRAMES, STOP_FACTOR * np.median(lengths))
     edges = np.diff(np.concatenate([[0], slow.astype(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
     return [(int(a), int(b)) for a, b in zip(starts, ends) if a >= 1 and b <= lengths.size - 2]
@@ -696,8 +698,8 @@ def _reverse_at_stops(meas, keys, planes, dp):
 
     The hand eases into and out of every stop, so velocity smoothness cannot tell a turn from a
     pause, and the key step spanning the stop is poorly fitted, which misleads the triplet terms
-    (at 480×640 the DP put continuations at 9 of the 55 reversals of five scans with margins of
-    80-360). Here the key frames on either side of a stop (:func:`_stops`) are correlated across
+    (at 480×640 the DP went on through 13 of the 52 turns of five scans, several with margins of
+    80-360: ``benchmarks/README.md``). Here the key frames on either side of a stop (:func:`_stops`) are correlated across
     it: after a reversal each frame meets its twin on the way back
     (:func:`speckle_rec.direction.reversal_gain`). Where the gain calls a reversal and the signed
     motions of the nearest moving steps on the two sides agree (cosine above
@@ -755,13 +757,13 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, *, pivot=F
     lengths = np.diff(keys).astype(np.float64)
     elevation = planes @ anchors.T
     velocity = elevation / lengths[:, None]
+    stops = None
     if sign_oracle is None:
         noise = np.sqrt(np.einsum("ai,mij,aj->ma", anchors, covariance, anchors).mean(axis=1)) / lengths
         pair_costs, triple_costs = _triplet_terms(meas, keys, planes, opts)
         scale = np.median(np.linalg.norm(velocity, axis=1)) if n else 1.0
         result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
-        stops = None
         if opts["stops"]:
             result, stops = _reverse_at_stops(meas, keys, planes, result)
         signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
@@ -770,7 +772,7 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, *, pivot=F
         elif opts["slide"]:
             slide = {"skipped": "no fixed skin contact"}
     else:
-        signs, uncertain, slide, stops = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None, None
+        signs, uncertain, slide = np.asarray(sign_oracle(keys, planes), dtype=np.int64), None, None
     signed = signs[:, None] * velocity
     reversals = int(np.sum(np.einsum("ma,ma->m", signed[1:], signed[:-1]) < 0))
     return signs, {"key_steps": int(n), "reversals": reversals, "uncertain_junctions": uncertain,
