@@ -58,7 +58,7 @@ from speckle_rec.evaluate import ScanTruth
 from speckle_rec.slide import step_travel
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
-from trajectory_options import measure_scan, true_poses
+from trajectory_options import measure_scan, pair_planes, true_poses
 
 MIN_STEP_MM = 0.1
 
@@ -85,7 +85,7 @@ def sampled_gain(images, mask, spacing, poses, k, rng, pairs):
 
 def step_elevations(poses, keys, anchors):
     """(K − 1, A) each key step's out-of-plane motion at the anchors (mm)."""
-    return trajectory._planes_of(np.linalg.solve(poses[keys[:-1]], poses[keys[1:]])) @ anchors.T
+    return pair_planes(poses, keys[:-1], keys[1:]) @ anchors.T
 
 
 def step_relations(elevation):

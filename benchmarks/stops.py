@@ -34,20 +34,20 @@ from speckle_rec.decorrelation import DecorrelationModel
 from speckle_rec.evaluate import ScanTruth
 
 from _machine import cell, folder_parser, machine_line, scan_results, start_script
-from trajectory_options import measure_scan, true_poses
+from trajectory_options import measure_scan, pair_planes, true_poses
 
 
 def true_turns(tested, poses, keys, anchors):
     """The stage's stop tests (``signs.stops.tested`` of the diagnostics), each with ``true_turn``:
     whether the true motion over the ``STOP_RELATION_STEPS`` key steps on either side reverses."""
+    if not tested:
+        return []
     steps, last = trajectory.STOP_RELATION_STEPS, keys.size - 1
-    rows = []
-    for test in tested:
-        a, b = test["steps"]
-        spans = np.array([[keys[max(a - steps, 0)], keys[a]], [keys[b + 1], keys[min(b + 1 + steps, last)]]])
-        before, after = trajectory._planes_of(np.linalg.solve(poses[spans[:, 0]], poses[spans[:, 1]])) @ anchors.T
-        rows.append(dict(test, true_turn=bool(before @ after < 0)))
-    return rows
+    a, b = np.array([test["steps"] for test in tested]).T
+    before = pair_planes(poses, keys[np.maximum(a - steps, 0)], keys[a]) @ anchors.T
+    after = pair_planes(poses, keys[b + 1], keys[np.minimum(b + 1 + steps, last)]) @ anchors.T
+    turns = np.sum(before * after, axis=1) < 0
+    return [dict(test, true_turn=bool(turn)) for test, turn in zip(tested, turns)]
 
 
 def run_scan(scan, calibration, model, threads):

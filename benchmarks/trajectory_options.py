@@ -110,10 +110,15 @@ def true_poses(truth):
     return np.concatenate([np.eye(4)[None], truth.frame_to_first])
 
 
+def pair_planes(poses, i, j):
+    """(M, 3) plane (tz, a, b) of frame ``j[m]`` in frame ``i[m]``'s coordinates, from ``poses``
+    (N, 4, 4) of the frames in a common frame."""
+    return trajectory._planes_of(np.linalg.solve(poses[i], poses[j]))
+
+
 def true_pair_planes(truth, i, j):
     """(M, 3) true plane (tz, a, b) of frame ``j[m]`` in frame ``i[m]``'s coordinates."""
-    poses = true_poses(truth)
-    return trajectory._planes_of(np.linalg.solve(poses[i], poses[j]))
+    return pair_planes(true_poses(truth), i, j)
 
 
 def true_step_planes(truth, keys):

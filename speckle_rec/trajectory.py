@@ -693,15 +693,16 @@ def _stops(keys):
     return [(int(a), int(b)) for a, b in zip(starts, ends) if a >= 1 and b <= lengths.size - 2]
 
 
-def _reverse_at_stops(meas, keys, planes, dp):
+def _reverse_at_stops(meas, keys, elevation, dp):
     """Stage 2a: the relation across each stop from the frames on its two sides.
 
     The hand eases into and out of every stop, so velocity smoothness cannot tell a turn from a
     pause, and the key step spanning the stop is poorly fitted, which misleads the triplet terms
     (at 480×640 the DP went on through 13 of the 52 turns of five scans, several with margins of
-    80-360: ``benchmarks/README.md``). Here the key frames on either side of a stop (:func:`_stops`) are correlated across
-    it: after a reversal each frame meets its twin on the way back
-    (:func:`speckle_rec.direction.reversal_gain`). Where the gain calls a reversal and the signed
+    80-360: ``benchmarks/README.md``). Here the key frames on either side of a stop
+    (:func:`_stops`) are correlated across it: after a reversal each frame meets its twin on the
+    way back (:func:`speckle_rec.direction.reversal_gain`). ``elevation`` (M, A) is each key
+    step's canonical elevation at the anchors (mm), ``dp`` the sign DP's resolution. Where the gain calls a reversal and the signed
     motions of the nearest moving steps on the two sides agree (cosine above
     :data:`STOP_MIN_COS`), every later sign is flipped; the stop's junctions then count as sure as
     the DP's surest for the slide stage. A gain below the threshold says nothing: a turn whose two
@@ -714,7 +715,6 @@ def _reverse_at_stops(meas, keys, planes, dp):
     clock = time.perf_counter()
     signs = np.array(dp.signs, dtype=np.int64)
     margins = np.array(dp.flip_margin, dtype=np.float64)
-    elevation = planes @ _anchor_design(meas).T
     moving = moving_steps(elevation)
     sure = float(margins.max()) if margins.size else 0.0
     tested = []
@@ -765,7 +765,7 @@ def _resolve_key_signs(meas, keys, planes, covariance, opts, threads, *, pivot=F
         result = resolve_signs(velocity, noise=noise, times=0.5 * (keys[1:] + keys[:-1]),
                                acceleration=0.05 * scale, pair_costs=pair_costs, triple_costs=triple_costs)
         if opts["stops"]:
-            result, stops = _reverse_at_stops(meas, keys, planes, result)
+            result, stops = _reverse_at_stops(meas, keys, elevation, result)
         signs, uncertain, slide = result.signs, int(np.sum(result.flip_margin < 1.0)), None
         if opts["slide"] and pivot:
             signs, slide = _slide_across_quiet_stretches(meas, keys, planes, elevation, result, threads)

@@ -554,8 +554,8 @@ def test_stops_tell_a_turn_from_a_pause_and_mend_the_relation_across_a_turn():
         broken[stop[1] + 1:] *= -1
         margins = np.linspace(1.0, 9.0, keys.size - 2)
         for signs in (true, broken):
-            out, info = T._reverse_at_stops(meas, keys, canonical[:, None] * planes,
-                                            SignResolution(signs, margins, 1.0))
+            elevation = (canonical[:, None] * planes) @ T._anchor_design(meas).T
+            out, info = T._reverse_at_stops(meas, keys, elevation, SignResolution(signs, margins, 1.0))
             (test,) = info["tested"]
             assert test["steps"] == list(stop) and test["frames"] == [keys[stop[0]], keys[stop[1] + 1]]
             assert isinstance(info["seconds"], float) and abs(test["cosine"]) > T.STOP_MIN_COS
